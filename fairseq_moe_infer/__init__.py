@@ -1,0 +1,31 @@
+"""fairseq_moe_infer: fast and lean Mixture-of-Experts inference as a fairseq plugin.
+
+Load it into the stock fairseq tools with ``--user-dir $(python -m fairseq_moe_infer)``.
+Importing registers the ``transformer_lm_moe`` / ``transformer_moe`` models, the
+``moe_cross_entropy`` / ``moe_label_smoothed_cross_entropy`` criterions and the
+``moe_language_modeling`` / ``moe_translation`` tasks, and lets torch >= 2.6
+load fairseq checkpoints (see :mod:`fairseq_moe_infer.checkpoint`).
+"""
+
+import os
+
+__version__ = "0.1.0"
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_ROOT = os.path.dirname(_HERE)
+# In a source checkout the fairseq registrations live in criterions/ and tasks/ beside
+# this package; an installed copy has them inside it (setup.py maps them there).
+if not os.path.isdir(os.path.join(_HERE, "tasks")) and os.path.isfile(os.path.join(_ROOT, "tasks", "__init__.py")):
+    __path__.append(_ROOT)  # noqa: F821 (package __path__)
+
+from . import checkpoint  # noqa: E402
+
+checkpoint.allow_fairseq_checkpoint_globals()
+checkpoint.install_shard_loader()
+
+from . import criterions, models, tasks  # noqa: E402,F401 (fairseq registrations)
+
+
+def user_dir() -> str:
+    """The directory to pass to fairseq's ``--user-dir``."""
+    return _HERE

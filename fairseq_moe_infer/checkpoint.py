@@ -1,0 +1,89 @@
+"""Loading fairseq checkpoints on torch >= 2.6 and the sharded MoE checkpoint layout.
+
+**Weights-only loading.** Since torch 2.6, ``torch.load`` defaults to
+``weights_only=True`` and refuses any class not on its allow-list; fairseq
+checkpoints carry a few (``argparse.Namespace`` in ``cfg.model``, fairseq's
+training meters, numpy scalars in ``extra_state``). Instead of switching the
+check off, :func:`allow_fairseq_checkpoint_globals` adds exactly those classes
+with ``torch.serialization.add_safe_globals``; everything else is still refused.
+
+**Sharded MoE checkpoints.** Like fairseq's MoE branch (shared parameters plus
+per-rank expert files), a checkpoint written by ``scripts/export_checkpoint.py``
+keeps every non-expert tensor in the main file and the experts in shard files
+beside it, listed under ``moe_expert_shards``; shard i holds experts
+``[i * E / n, (i + 1) * E / n)`` of every MoE layer. :func:`install_shard_loader`
+wraps fairseq's ``checkpoint_utils.load_checkpoint_to_cpu`` so that the stock
+tools' ``--path checkpoint.pt`` loads the shards too.
+"""
+
+import argparse
+import collections
+import os
+from typing import Dict, List
+
+import torch
+from fairseq import checkpoint_utils
+
+SHARDS_KEY = "moe_expert_shards"
+
+
+def fairseq_checkpoint_globals() -> List[object]:
+    """The non-tensor classes found in checkpoints written by ``fairseq-train``."""
+    import numpy as np
+    from fairseq.logging import meters
+
+    found: List[object] = [argparse.Namespace, collections.OrderedDict, collections.defaultdict]
+    found += [
+        getattr(meters, name)
+        for name in ("AverageMeter", "SumMeter", "TimeMeter", "StopwatchMeter", "MetersDict", "ConcatTensorMeter")
+        if hasattr(meters, name)
+    ]
+    found += [np.dtype, type(np.dtype("float64")), type(np.dtype("int64")), type(np.dtype("float32"))]
+    core = getattr(np, "_core", None) or np.core
+    found.append(core.multiarray.scalar)
+    return found
+
+
+def allow_fairseq_checkpoint_globals() -> None:
+    """Add fairseq's checkpoint classes to torch's weights-only allow-list (torch >= 2.4)."""
+    add = getattr(torch.serialization, "add_safe_globals", None)
+    if add is not None:
+        add(fairseq_checkpoint_globals())
+
+
+def _merge_shards(state: Dict, path: str) -> Dict:
+    names = state.pop(SHARDS_KEY, None)
+    if not names:
+        return state
+    parts: Dict[str, List[torch.Tensor]] = collections.defaultdict(list)
+    for name in names:
+        shard_path = os.path.join(os.path.dirname(path), name)
+        if not os.path.exists(shard_path):
+            raise FileNotFoundError(
+                f"{path} lists expert shard {name}, which is missing; keep all "
+                f"{len(names)} shard files ({', '.join(names)}) beside it"
+            )
+        with open(shard_path, "rb") as f:
+            shard = torch.load(f, map_location="cpu")
+        for key, tensor in shard["model"].items():
+            parts[key].append(tensor)
+    for key, tensors in parts.items():
+        if len(tensors) != len(names):
+            raise RuntimeError(f"{key} is in {len(tensors)} of {len(names)} expert shards; the shards are corrupt")
+        state["model"][key] = torch.cat(tensors, dim=0)
+    return state
+
+
+def install_shard_loader() -> None:
+    """Make ``checkpoint_utils.load_checkpoint_to_cpu`` merge expert shards (idempotent)."""
+    original = checkpoint_utils.load_checkpoint_to_cpu
+    if getattr(original, "_moe_shards", False):
+        return
+
+    def load_checkpoint_to_cpu(path, arg_overrides=None, load_on_all_ranks=False):
+        state = original(path, arg_overrides, load_on_all_ranks)
+        return _merge_shards(state, path)
+
+    load_checkpoint_to_cpu._moe_shards = True
+    load_checkpoint_to_cpu.__doc__ = original.__doc__
+    checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu

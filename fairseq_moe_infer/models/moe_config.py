@@ -1,0 +1,98 @@
+"""Model options of the MoE architectures (``--moe-*`` model flags)."""
+
+from dataclasses import dataclass, field, fields
+
+from fairseq.dataclass import FairseqDataclass
+
+from ..moe import MoEConfigError, MoELayer, build_dispatcher
+from ..moe.gate import SECOND_EXPERT_POLICIES
+
+
+@dataclass
+class MoEModelConfig(FairseqDataclass):
+    """MoE options shared by ``transformer_lm_moe`` and ``transformer_moe``.
+
+    Names and meanings follow fairseq's MoE branch (``--moe-expert-count``,
+    ``--moe-freq``, ``--moe-top1-expert``, ``--moe-gating-use-fp32``,
+    ``--moe-second-expert-policy``, ``--moe-normalize-gate-prob-before-dropping``),
+    plus ``--moe-expert-ffn-dim`` and ``--moe-capacity-factor``.
+    """
+
+    moe_expert_count: int = field(
+        default=16, metadata={"help": "number of experts E in each MoE layer, over all expert-parallel ranks"}
+    )
+    moe_freq: int = field(
+        default=2,
+        metadata={"help": "every moe_freq-th FFN becomes an MoE layer (layer i if (i + 1) % moe_freq == 0); 0 = dense"},
+    )
+    moe_expert_ffn_dim: int = field(
+        default=0, metadata={"help": "hidden width of each expert; 0 = the FFN width (--*-ffn-embed-dim)"}
+    )
+    moe_top1_expert: bool = field(default=False, metadata={"help": "top-1 (Switch) gating instead of top-2 (GShard)"})
+    moe_gating_use_fp32: bool = field(default=False, metadata={"help": "compute gate logits and softmax in float32"})
+    moe_second_expert_policy: str = field(
+        default="sampling",
+        metadata={"help": "top-2 second expert in training: sampling (Gumbel noise) | all | random (keep with prob 2*p2)"},
+    )
+    moe_normalize_gate_prob_before_dropping: bool = field(
+        default=False, metadata={"help": "renormalise top-2 gate probabilities before capacity dropping"}
+    )
+    moe_capacity_factor: float = field(
+        default=1.0,
+        metadata={"help": "static gating training capacity = int(factor * k * ceil(tokens / experts)) per expert"},
+    )
+
+
+MOE_FIELDS = [f for f in fields(MoEModelConfig) if not f.name.startswith("_")]
+
+
+def set_moe_defaults(args) -> None:
+    """Fill unset MoE options on a legacy args namespace with their defaults."""
+    for f in MOE_FIELDS:
+        if getattr(args, f.name, None) is None:
+            setattr(args, f.name, f.default)
+
+
+def validate_moe_args(args) -> None:
+    """Check the MoE model options.
+
+    Raises:
+        MoEConfigError: naming the flag and the fix.
+    """
+    k = 1 if args.moe_top1_expert else 2
+    if args.moe_freq < 0:
+        raise MoEConfigError(f"--moe-freq must be >= 0 (0 = dense), got {args.moe_freq}")
+    if args.moe_freq > 0 and args.moe_expert_count < k:
+        raise MoEConfigError(
+            f"--moe-expert-count={args.moe_expert_count} is smaller than top-k={k}; "
+            "use at least 2 experts for top-2 gating or pass --moe-top1-expert"
+        )
+    if args.moe_second_expert_policy not in SECOND_EXPERT_POLICIES:
+        raise MoEConfigError(
+            f"unknown --moe-second-expert-policy '{args.moe_second_expert_policy}'; "
+            f"choose one of {', '.join(SECOND_EXPERT_POLICIES)}"
+        )
+    if args.moe_expert_ffn_dim < 0:
+        raise MoEConfigError(f"--moe-expert-ffn-dim must be >= 0, got {args.moe_expert_ffn_dim}")
+    build_dispatcher("static", capacity_factor=args.moe_capacity_factor)
+
+
+def is_moe_layer(args, index: int) -> bool:
+    """fairseq's rule: layer ``index`` (0-based) is MoE if ``(index + 1) % moe_freq == 0``."""
+    return args.moe_freq > 0 and (index + 1) % args.moe_freq == 0
+
+
+def build_moe_layer(args, model_dim: int, ffn_dim: int, activation_fn: str, activation_dropout: float) -> MoELayer:
+    """An :class:`~fairseq_moe_infer.moe.MoELayer` from the model options (static gating)."""
+    return MoELayer(
+        model_dim,
+        args.moe_expert_ffn_dim or ffn_dim,
+        args.moe_expert_count,
+        k=1 if args.moe_top1_expert else 2,
+        activation_fn=activation_fn,
+        activation_dropout=activation_dropout,
+        use_fp32_gate=args.moe_gating_use_fp32,
+        second_expert_policy=args.moe_second_expert_policy,
+        normalize_before_dropping=args.moe_normalize_gate_prob_before_dropping,
+        capacity_factor=args.moe_capacity_factor,
+    )

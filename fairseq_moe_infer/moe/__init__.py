@@ -1,0 +1,19 @@
+"""The MoE layer and its parts: gate, dispatchers, experts, all-to-all."""
+
+from .dispatch import DISPATCHERS, DispatchStats, Dispatcher, build_dispatcher, register_dispatcher
+from .experts import Experts
+from .gate import MoEConfigError, Routing, TopKGate
+from .moe_layer import MoELayer
+
+__all__ = [
+    "DISPATCHERS",
+    "DispatchStats",
+    "Dispatcher",
+    "Experts",
+    "MoEConfigError",
+    "MoELayer",
+    "Routing",
+    "TopKGate",
+    "build_dispatcher",
+    "register_dispatcher",
+]

@@ -1,0 +1,168 @@
+"""Expert feed-forward networks, stored stacked so they run as one grouped GEMM.
+
+Each expert is fairseq's transformer FFN ``fc2(dropout(act(fc1(x))))`` with
+``fc1: d -> f`` and ``fc2: f -> d``. The E_local experts of this rank are kept as
+stacked parameters in ``nn.Linear`` layout:
+
+* ``fc1_weight`` [E_local, f, d], ``fc1_bias`` [E_local, f]
+* ``fc2_weight`` [E_local, d, f], ``fc2_bias`` [E_local, d]
+
+Every expert parameter carries ``param.expert = True`` (fairseq MoE's marker)
+so that data-parallel code can leave it out of gradient all-reduce and
+checkpoint code can shard it per rank.
+
+State dicts saved by fairseq's MoE branch, with one module per expert
+(``experts.{i}.fc1.weight``), are converted on load by
+:meth:`Experts._load_from_state_dict`; a full stack of E experts is sliced to
+this rank's ``[rank * E_local, (rank + 1) * E_local)`` range.
+"""
+
+import math
+import re
+from typing import List
+
+import torch
+import torch.nn.functional as F
+from fairseq import utils
+from fairseq.modules.fairseq_dropout import FairseqDropout
+from torch import Tensor, nn
+
+_PARAMS = ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
+_FAIRSEQ_KEY = re.compile(r"^(\d+)\.(fc1|fc2)\.(weight|bias)$")
+
+
+def grouped_gemm_available(x: Tensor) -> bool:
+    """True where ``torch._grouped_mm`` runs: CUDA, compute capability >= 9.0, bf16."""
+    return (
+        x.is_cuda
+        and hasattr(torch, "_grouped_mm")
+        and x.dtype == torch.bfloat16
+        and torch.cuda.get_device_capability(x.device)[0] >= 9
+    )
+
+
+class Experts(nn.Module):
+    """The E_local feed-forward experts held by this rank.
+
+    Args:
+        model_dim: d.
+        ffn_dim: f, hidden width of each expert.
+        num_local_experts: E_local.
+        activation_fn: fairseq activation name (``relu``, ``gelu``, ...).
+        activation_dropout: dropout after the activation (training only).
+        num_global_experts: E, the experts of all ranks (defaults to E_local).
+        global_offset: index of this rank's first expert among all E experts.
+    """
+
+    def __init__(
+        self,
+        model_dim: int,
+        ffn_dim: int,
+        num_local_experts: int,
+        activation_fn: str = "relu",
+        activation_dropout: float = 0.0,
+        num_global_experts: int = 0,
+        global_offset: int = 0,
+    ):
+        super().__init__()
+        self.model_dim, self.ffn_dim = model_dim, ffn_dim
+        self.num_local_experts = num_local_experts
+        self.num_global_experts = num_global_experts or num_local_experts
+        self.global_offset = global_offset
+        self.activation_fn = utils.get_activation_fn(activation_fn)
+        self.activation_dropout = FairseqDropout(activation_dropout, module_name="Experts")
+        e = num_local_experts
+        self.fc1_weight = nn.Parameter(torch.empty(e, ffn_dim, model_dim))
+        self.fc1_bias = nn.Parameter(torch.empty(e, ffn_dim))
+        self.fc2_weight = nn.Parameter(torch.empty(e, model_dim, ffn_dim))
+        self.fc2_bias = nn.Parameter(torch.empty(e, model_dim))
+        for name in _PARAMS:
+            getattr(self, name).expert = True
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """``nn.Linear``'s default init, per expert: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+        for w, b in ((self.fc1_weight, self.fc1_bias), (self.fc2_weight, self.fc2_bias)):
+            bound = 1.0 / math.sqrt(w.shape[-1])
+            nn.init.uniform_(w, -bound, bound)
+            nn.init.uniform_(b, -bound, bound)
+
+    def _hidden(self, h: Tensor) -> Tensor:
+        return self.activation_dropout(self.activation_fn(h))
+
+    def forward_padded(self, x: Tensor) -> Tensor:
+        """Static-capacity path: [E_local, C, d] -> [E_local, C, d] with batched matmuls."""
+        h = torch.baddbmm(self.fc1_bias[:, None, :], x, self.fc1_weight.transpose(1, 2))
+        return torch.baddbmm(self.fc2_bias[:, None, :], self._hidden(h), self.fc2_weight.transpose(1, 2))
+
+    def forward_grouped(self, x: Tensor, counts: Tensor, expert_of_row: Tensor) -> Tensor:
+        """Dynamic path: rows of ``x`` grouped by expert, exact sizes.
+
+        Args:
+            x: [N, d], rows sorted by local expert; rows past ``counts.sum()``
+                (unrouted assignments) are ignored and their output is zero.
+            counts: [E_local] int64 rows per expert (on x's device).
+            expert_of_row: [N] int64 local expert of each row (E_local for ignored rows).
+
+        Returns:
+            [N, d] expert outputs.
+
+        On Hopper in bf16 both GEMMs are one ``torch._grouped_mm`` each;
+        elsewhere a loop of per-expert ``F.linear`` over the host-side counts
+        (one device sync) computes the same function.
+        """
+        if grouped_gemm_available(x):
+            return self._forward_grouped_mm(x, counts, expert_of_row)
+        out = torch.zeros_like(x)
+        start = 0
+        for e, n in enumerate(counts.tolist()):
+            if n:
+                rows = x[start : start + n]
+                h = F.linear(rows, self.fc1_weight[e], self.fc1_bias[e])
+                out[start : start + n] = F.linear(self._hidden(h), self.fc2_weight[e], self.fc2_bias[e])
+                start += n
+        return out
+
+    def _forward_grouped_mm(self, x: Tensor, counts: Tensor, expert_of_row: Tensor) -> Tensor:
+        offs = counts.cumsum(0).to(torch.int32)
+        row_ok = expert_of_row < self.num_local_experts
+        e = expert_of_row.clamp(max=self.num_local_experts - 1)
+        h = torch._grouped_mm(x, self.fc1_weight.transpose(1, 2), offs=offs)
+        h = self._hidden(h + self.fc1_bias[e])
+        y = torch._grouped_mm(h, self.fc2_weight.transpose(1, 2), offs=offs)
+        y = y + self.fc2_bias[e]
+        return torch.where(row_ok[:, None], y, torch.zeros((), dtype=y.dtype, device=y.device))
+
+    # ---- checkpoint compatibility -------------------------------------------------
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        self._stack_fairseq_experts(state_dict, prefix)
+        for name in _PARAMS:
+            key = prefix + name
+            if key not in state_dict:
+                continue
+            t = state_dict[key]
+            have = self.num_local_experts
+            if t.shape[0] == self.num_global_experts and have != t.shape[0]:
+                state_dict[key] = t[self.global_offset : self.global_offset + have]
+            elif t.shape[0] != have:
+                raise RuntimeError(
+                    f"{key}: the checkpoint holds {t.shape[0]} experts but the model was built "
+                    f"with --moe-expert-count {self.num_global_experts}; pass "
+                    f"--moe-expert-count {t.shape[0]} or load a checkpoint with "
+                    f"{self.num_global_experts} experts"
+                )
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+
+    @staticmethod
+    def _stack_fairseq_experts(state_dict, prefix) -> None:
+        """Rewrite ``{prefix}{i}.fc1.weight`` (fairseq MoE, one module per expert) to stacks."""
+        found = {}
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            m = _FAIRSEQ_KEY.match(key[len(prefix) :])
+            if m:
+                found.setdefault(f"{m.group(2)}_{m.group(3)}", {})[int(m.group(1))] = state_dict.pop(key)
+        for name, per_expert in found.items():
+            order: List[int] = sorted(per_expert)
+            if order != list(range(len(order))):
+                raise RuntimeError(f"{prefix}: expert indices {order} are not 0..{len(order) - 1}")
+            state_dict[prefix + name] = torch.stack([per_expert[i] for i in order])

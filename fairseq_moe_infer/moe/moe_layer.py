@@ -1,0 +1,133 @@
+"""The MoE layer: gate -> dispatcher (encode, all-to-all, experts, all-to-all, decode).
+
+It replaces a transformer FFN. Its parts are chosen independently:
+the gate (:class:`~fairseq_moe_infer.moe.gate.TopKGate`), the dispatcher
+(``--moe-gating``: :mod:`~fairseq_moe_infer.moe.dispatch`) and the experts
+(:class:`~fairseq_moe_infer.moe.experts.Experts`, sharded over the expert-parallel
+group). None of them knows another's policy.
+"""
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .comm import expert_parallel_group
+from .dispatch import Dispatcher, DispatchStats, build_dispatcher
+from .experts import Experts
+from .gate import MoEConfigError, TopKGate
+
+
+class MoELayer(nn.Module):
+    """Mixture-of-Experts feed-forward layer (fairseq MoE branch's ``MOELayer``).
+
+    Args:
+        model_dim: d.
+        ffn_dim: hidden width f of each expert.
+        num_experts: E, over all expert-parallel ranks.
+        k: top-k (1 or 2).
+        activation_fn / activation_dropout: as the transformer FFN's.
+        use_fp32_gate, second_expert_policy, normalize_before_dropping: see
+            :class:`~fairseq_moe_infer.moe.gate.TopKGate`.
+        gating: dispatcher name (``static`` | ``dynamic``), see :meth:`set_gating`.
+        capacity_factor: static gating's training capacity factor.
+        eval_capacity_token_fraction: static gating's evaluation capacity as a
+            fraction of the batch's tokens (fairseq default 0.25).
+
+    Raises:
+        MoEConfigError: bad gate options, or the expert-parallel world size
+            does not divide E.
+
+    Attributes after each forward:
+        l_aux: the balancing loss (scalar tensor).
+        last_stats: :class:`~fairseq_moe_infer.moe.dispatch.DispatchStats`.
+    Totals over evaluation-mode forwards (on the device, read with
+    :meth:`eval_totals`): tokens, routed choices, dropped choices, per-expert counts.
+    """
+
+    def __init__(
+        self,
+        model_dim: int,
+        ffn_dim: int,
+        num_experts: int,
+        k: int = 2,
+        activation_fn: str = "relu",
+        activation_dropout: float = 0.0,
+        use_fp32_gate: bool = False,
+        second_expert_policy: str = "sampling",
+        normalize_before_dropping: bool = False,
+        gating: str = "static",
+        capacity_factor: float = 1.0,
+        eval_capacity_token_fraction: float = 0.25,
+    ):
+        super().__init__()
+        group, world, rank = expert_parallel_group()
+        if num_experts % world != 0:
+            raise MoEConfigError(
+                f"expert parallelism needs the world size ({world}) to divide "
+                f"--moe-expert-count ({num_experts}); use {world * max(1, num_experts // world)} "
+                f"experts or a world size dividing {num_experts}"
+            )
+        self.gate = TopKGate(model_dim, num_experts, k, use_fp32_gate, second_expert_policy, normalize_before_dropping)
+        e_local = num_experts // world
+        self.experts = Experts(
+            model_dim, ffn_dim, e_local, activation_fn, activation_dropout, num_experts, rank * e_local
+        )
+        self.group = group
+        self.num_experts = num_experts
+        self.capacity_factor = capacity_factor
+        self.dispatcher: Dispatcher = build_dispatcher(gating, capacity_factor, eval_capacity_token_fraction)
+        self.l_aux: Optional[Tensor] = None
+        self.last_stats: Optional[DispatchStats] = None
+        self.register_buffer("_eval_counts", torch.zeros(num_experts, dtype=torch.long), persistent=False)
+        self.register_buffer("_eval_scalars", torch.zeros(3, dtype=torch.long), persistent=False)
+
+    def forward(self, x: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
+        """Apply the layer.
+
+        Args:
+            x: [..., d] tokens (flattened in row-major order for routing, so
+                capacity priority is the order of that flattening).
+            padding_mask: [...] bool (x's leading shape), True at padding.
+
+        Returns:
+            [..., d], zero at padding positions.
+        """
+        shape = x.shape
+        tokens = x.reshape(-1, shape[-1])
+        mask = None if padding_mask is None else padding_mask.reshape(-1)
+        routing = self.gate(tokens, mask)
+        y, stats = self.dispatcher(tokens, routing, self.experts, self.group, self.training)
+        self.l_aux, self.last_stats = routing.l_aux, stats
+        if not self.training:
+            n = tokens.shape[0] if mask is None else (~mask).sum()
+            self._eval_counts += stats.expert_counts
+            self._eval_scalars += torch.stack([torch.as_tensor(n, device=x.device), stats.routed, stats.dropped])
+        return y.view(shape)
+
+    def set_gating(self, gating: str, eval_capacity_token_fraction: float = 0.25) -> None:
+        """Switch the dispatcher (``--moe-gating``); weights are untouched.
+
+        Raises:
+            MoEConfigError: unknown gating or a negative fraction.
+        """
+        self.dispatcher = build_dispatcher(gating, self.capacity_factor, eval_capacity_token_fraction)
+
+    def reset_eval_totals(self) -> None:
+        """Zero the evaluation counters."""
+        self._eval_counts.zero_()
+        self._eval_scalars.zero_()
+
+    def eval_totals(self) -> dict:
+        """Evaluation counters summed over forwards (host values; syncs once).
+
+        Returns:
+            dict with ``tokens`` (non-padding tokens), ``routed`` (valid
+            top-k choices), ``dropped`` (choices dropped for capacity) and
+            ``expert_counts`` (list of E ints).
+        """
+        tokens, routed, dropped = self._eval_scalars.tolist()
+        return {"tokens": tokens, "routed": routed, "dropped": dropped, "expert_counts": self._eval_counts.tolist()}
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, gating={self.dispatcher.name}"

@@ -1,0 +1,106 @@
+"""End-of-run MoE summary for ``fairseq-eval-lm`` / ``fairseq-generate``.
+
+The stock tools have no end-of-run hook for tasks, so the task registers
+:func:`MoERunReport.finish` with ``atexit``. The report covers evaluation-mode
+forwards only and gives:
+
+* ``tokens_per_s``: non-padding tokens entering the MoE stacks (first MoE layer
+  of the encoder plus first MoE layer of the decoder) over the wall time from
+  the first to the last model forward;
+* ``peak_accelerator_memory_bytes``: ``torch.cuda.max_memory_allocated`` (None on CPU);
+* ``dropped`` / ``routed``: top-k choices dropped for capacity / all valid choices;
+* per layer: tokens, routed, dropped and tokens per expert.
+
+It is logged and printed as one JSON line prefixed ``moe_summary``, and written
+to ``--moe-stats-json`` when given.
+"""
+
+import atexit
+import json
+import logging
+import time
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .moe import MoELayer
+
+logger = logging.getLogger("fairseq_moe_infer")
+
+
+class MoERunReport:
+    """Collects timing around a model's forwards and summarises its MoE layers.
+
+    Args:
+        model: a fairseq model holding :class:`MoELayer` modules.
+        gating, eval_capacity_token_fraction: recorded in the summary.
+        json_path: where to write the summary (optional).
+    """
+
+    def __init__(self, model: nn.Module, gating: str, eval_capacity_token_fraction: float, json_path: Optional[str]):
+        self.layers = [(name, m) for name, m in model.named_modules() if isinstance(m, MoELayer)]
+        self.gating, self.fraction, self.json_path = gating, eval_capacity_token_fraction, json_path
+        self.t_first: Optional[float] = None
+        self.t_last: Optional[float] = None
+        self._done = False
+        model.register_forward_pre_hook(self._pre)
+        model.register_forward_hook(self._post)
+        for _, m in self.layers:
+            m.reset_eval_totals()
+
+    def _pre(self, module, args):
+        if not module.training and self.t_first is None:
+            self.t_first = time.perf_counter()
+
+    def _post(self, module, args, out):
+        if not module.training:
+            self.t_last = time.perf_counter()
+
+    def summary(self) -> dict:
+        """The summary dict (host sync once)."""
+        layers = {name: m.eval_totals() for name, m in self.layers}
+        firsts = {}
+        for name, totals in layers.items():
+            stack = name.split(".layers.")[0]
+            firsts.setdefault(stack, totals["tokens"])
+        tokens = sum(firsts.values())
+        elapsed = (self.t_last - self.t_first) if self.t_first is not None and self.t_last is not None else 0.0
+        routed = sum(v["routed"] for v in layers.values())
+        dropped = sum(v["dropped"] for v in layers.values())
+        peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+        return {
+            "gating": self.gating,
+            "eval_capacity_token_fraction": self.fraction,
+            "tokens": tokens,
+            "elapsed_s": round(elapsed, 4),
+            "tokens_per_s": round(tokens / elapsed, 1) if elapsed > 0 else None,
+            "peak_accelerator_memory_bytes": peak,
+            "routed": routed,
+            "dropped": dropped,
+            "drop_rate": round(dropped / routed, 6) if routed else 0.0,
+            "layers": layers,
+        }
+
+    def finish(self) -> Optional[dict]:
+        """Log and print the summary once, if any evaluation forward happened."""
+        if self._done or self.t_first is None:
+            return None
+        self._done = True
+        s = self.summary()
+        logger.info(
+            "MoE summary: gating=%s tokens=%d tokens/s=%s dropped=%d/%d (%.2f%%) peak accelerator memory=%s",
+            s["gating"], s["tokens"], s["tokens_per_s"], s["dropped"], s["routed"], 100 * s["drop_rate"],
+            "n/a" if s["peak_accelerator_memory_bytes"] is None else f"{s['peak_accelerator_memory_bytes'] / 2**20:.1f} MiB",
+        )
+        for name, v in s["layers"].items():
+            logger.info("MoE %s: tokens per expert %s (dropped %d)", name, v["expert_counts"], v["dropped"])
+        if self.json_path:
+            with open(self.json_path, "w") as f:
+                json.dump(s, f, indent=1)
+        print("moe_summary " + json.dumps(s), flush=True)
+        return s
+
+    def register_atexit(self) -> "MoERunReport":
+        atexit.register(self.finish)
+        return self

@@ -1,0 +1,138 @@
+"""The MoE layer against a float64 per-token reference, hand-computed losses and capacities."""
+
+import math
+
+import pytest
+import torch
+
+from fairseq_moe_infer.moe import MoEConfigError, MoELayer, build_dispatcher
+from fairseq_moe_infer.moe.dispatch import StaticDispatcher
+
+from .reference import reference_moe
+
+
+def make_layer(E=8, d=16, f=32, k=2, gating="static", fraction=0.25, seed=0, **kw):
+    torch.manual_seed(seed)
+    layer = MoELayer(d, f, E, k=k, gating=gating, eval_capacity_token_fraction=fraction, **kw).double().eval()
+    with torch.no_grad():  # spread the gate so routing is not degenerate
+        layer.gate.wg.weight.mul_(4.0)
+    return layer
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("fraction", [1.0, 0.1])  # 1.0: nothing dropped; 0.1: heavy dropping
+def test_static_matches_float64_reference(k, fraction):
+    layer = make_layer(k=k, fraction=fraction)
+    x = torch.randn(64, 16, dtype=torch.float64)
+    pad = torch.zeros(64, dtype=torch.bool)
+    pad[[3, 17, 40]] = True
+    y = layer(x, pad)
+    cap = math.ceil(fraction * 64)
+    ref, dropped, used = reference_moe(layer, x, pad, capacity=cap)
+    assert rel_err(y, ref) < 1e-12
+    assert y[pad].abs().max().item() == 0.0
+    totals = layer.eval_totals()
+    assert totals["dropped"] == dropped
+    assert totals["expert_counts"] == used
+    assert totals["tokens"] == 61 and totals["routed"] == 61 * k
+    if fraction == 0.1:
+        assert dropped > 0  # the case really drops
+    else:
+        assert dropped == 0
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_dynamic_matches_reference_and_never_drops(k):
+    layer = make_layer(k=k, gating="dynamic")
+    x = torch.randn(50, 16, dtype=torch.float64)
+    y = layer(x)
+    ref, dropped, used = reference_moe(layer, x, capacity=None)
+    assert rel_err(y, ref) < 1e-12
+    assert dropped == 0 and layer.eval_totals()["dropped"] == 0
+    assert layer.eval_totals()["expert_counts"] == used
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_static_equals_dynamic_when_nothing_dropped(dtype, tol):
+    layer = make_layer(k=2, fraction=1.0).to(dtype)
+    x = torch.randn(4, 9, 16).to(dtype)  # [B, T, d], a layout the transformer layers pass
+    y_static = layer(x)
+    assert layer.last_stats.dropped.item() == 0
+    layer.set_gating("dynamic")
+    y_dynamic = layer(x)
+    assert y_static.shape == x.shape
+    assert rel_err(y_dynamic.double(), y_static.double()) < tol
+
+
+def test_training_capacity_drops_and_gradients_flow():
+    layer = make_layer(E=4, k=2).train()
+    layer.gate.second_expert_policy = "all"
+    x = torch.randn(40, 16, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    # train capacity = 2 * ceil(40 / 4) = 20 per expert: compare with the reference at that capacity
+    ref, dropped, _ = reference_moe(layer, x.detach(), capacity=20)
+    assert rel_err(y.detach(), ref) < 1e-12
+    assert layer.last_stats.dropped.item() == dropped
+    (y.sum() + layer.l_aux).backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert layer.gate.wg.weight.grad.abs().sum() > 0
+    assert layer.experts.fc1_weight.grad.abs().sum() > 0
+
+
+def test_balancing_loss_hand_computed():
+    # E=2, 4 tokens, d=2; gate weight = identity so logits = x
+    layer = MoELayer(2, 4, 2, k=2).double()
+    with torch.no_grad():
+        layer.gate.wg.weight.copy_(torch.eye(2, dtype=torch.float64))
+    x = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 0.0]], dtype=torch.float64)
+    pad = torch.tensor([False, False, False, True])
+    routing = layer.gate(x, pad)
+    s = 1 / (1 + math.exp(-2.0))  # softmax([2, 0])[0]
+    s1 = 1 / (1 + math.exp(-1.0))
+    me = [(s + (1 - s1) + s1 + 0.5) / 4, ((1 - s) + s1 + (1 - s1) + 0.5) / 4]
+    # first choices of non-padding tokens: expert 0, 1, 0 -> ce = [2/4, 1/4] (padding counts in T)
+    ce = [2 / 4, 1 / 4]
+    expected = (me[0] * ce[0] + me[1] * ce[1]) / 2 * 2 * 2
+    assert routing.l_aux.item() == pytest.approx(expected, rel=1e-12)
+    assert routing.expert_indices[:, 0].tolist()[:3] == [0, 1, 0]
+
+
+def test_capacity_arithmetic_hand_cases():
+    static = StaticDispatcher(capacity_factor=1.0, eval_capacity_token_fraction=0.25)
+    assert static.capacity(10, 4, k=2, training=True) == 6  # fairseq top-2: 2 * ceil(10 / 4)
+    assert static.capacity(10, 4, k=1, training=True) == 3  # fairseq top-1: int(1.0 * ceil(10 / 4))
+    assert static.capacity(10, 4, k=2, training=False) == 3  # ceil(0.25 * 10)
+    assert static.capacity(4096, 128, k=2, training=False) == 1024
+    assert StaticDispatcher(1.25, 0.0).capacity(10, 4, k=1, training=False) == 3  # 0 -> training rule
+    assert StaticDispatcher(2.0, 0.25).capacity(9, 4, k=1, training=True) == 6  # int(2.0 * 3)
+
+
+def test_bad_options_raise_clear_errors():
+    with pytest.raises(MoEConfigError, match="--moe-top1-expert"):
+        MoELayer(8, 8, 1, k=2)
+    with pytest.raises(MoEConfigError, match="unknown --moe-gating 'fast'"):
+        build_dispatcher("fast")
+    with pytest.raises(MoEConfigError, match="must be >= 0"):
+        build_dispatcher("static", eval_capacity_token_fraction=-0.5)
+    with pytest.raises(MoEConfigError, match="second-expert-policy"):
+        MoELayer(8, 8, 4, second_expert_policy="best")
+
+
+def test_fairseq_per_expert_state_dict_is_stacked_on_load():
+    layer = make_layer(E=4)
+    sd = {k: v for k, v in layer.state_dict().items() if not k.startswith("experts.")}
+    for i in range(4):  # fairseq MoE branch layout: one FFN module per expert
+        sd[f"experts.{i}.fc1.weight"] = torch.full((32, 16), float(i), dtype=torch.float64)
+        sd[f"experts.{i}.fc1.bias"] = torch.zeros(32, dtype=torch.float64)
+        sd[f"experts.{i}.fc2.weight"] = torch.zeros(16, 32, dtype=torch.float64)
+        sd[f"experts.{i}.fc2.bias"] = torch.full((16,), -float(i), dtype=torch.float64)
+    layer.load_state_dict(sd)
+    assert layer.experts.fc1_weight[:, 0, 0].tolist() == [0.0, 1.0, 2.0, 3.0]
+    assert layer.experts.fc2_bias[:, 0].tolist() == [0.0, -1.0, -2.0, -3.0]
+    other = make_layer(E=8)
+    with pytest.raises(RuntimeError, match="--moe-expert-count 4"):
+        other.load_state_dict(layer.state_dict())
