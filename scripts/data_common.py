@@ -1,0 +1,182 @@
+"""Helpers shared by the data-preparation scripts (prepare_mt.py, prepare_lm.py).
+
+Everything here is deterministic and works offline: reading the raw corpora,
+training or reusing a sentencepiece model, encoding text into pieces and
+calling ``fairseq_cli.preprocess`` with the current interpreter.
+"""
+
+import argparse
+import gzip
+import io
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import sentencepiece as spm
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA_ROOT = (REPO_ROOT / ".." / "shared" / "data").resolve()
+SPM_SEED = 1234
+OUTPUT_MARKER = "splits.json"
+
+
+def log(prog, message):
+    """Print a progress message for script ``prog`` to stderr."""
+    print(f"[{prog}] {message}", file=sys.stderr, flush=True)
+
+
+def add_common_args(parser, default_out):
+    """Add the options shared by both preparation scripts to ``parser``."""
+    parser.add_argument(
+        "--data-root", type=Path, default=DEFAULT_DATA_ROOT,
+        help="folder holding multi30k/, wikitext-2/ and tinyshakespeare/ "
+             f"(default: {DEFAULT_DATA_ROOT})")
+    parser.add_argument(
+        "--out", type=Path, default=REPO_ROOT / default_out,
+        help=f"output data-bin folder; replaced if it holds an earlier output "
+             f"(default: <repo>/{default_out})")
+    parser.add_argument(
+        "--max-train-lines", type=int, default=None, metavar="N",
+        help="use only the first N lines of each training source (tiny data)")
+    parser.add_argument(
+        "--max-valid-lines", type=int, default=None, metavar="N",
+        help="use only the first N lines of each validation source")
+    parser.add_argument(
+        "--max-test-lines", type=int, default=None, metavar="N",
+        help="use only the first N lines of each test set")
+    parser.add_argument(
+        "--spm-model", type=Path, default=None, metavar="PATH",
+        help="reuse this sentencepiece model instead of training a new one")
+    parser.add_argument(
+        "--dict", type=Path, default=None, metavar="PATH",
+        help="reuse this fairseq dictionary instead of building one from train")
+    parser.add_argument(
+        "--vocab-size", type=int, default=8000,
+        help="sentencepiece vocabulary size when training (default: 8000)")
+    parser.add_argument(
+        "--workers", type=int, default=2,
+        help="worker processes for fairseq-preprocess (default: 2)")
+    return parser
+
+
+def new_parser(description):
+    """Return an ArgumentParser that keeps the layout of ``description``."""
+    return argparse.ArgumentParser(
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def read_lines(path, limit=None):
+    """Read a UTF-8 text file (gzip if it ends in .gz) into a list of lines.
+
+    Trailing newlines are removed; ``limit`` keeps only the first lines.
+    """
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as handle:
+        lines = handle.read().split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return lines[:limit] if limit is not None else lines
+
+
+def write_lines(path, lines):
+    """Write ``lines`` to ``path`` as UTF-8, one per line."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.writelines(line + "\n" for line in lines)
+
+
+def prepare_out_dir(out):
+    """Create ``out``, first removing it if it holds an earlier output.
+
+    Refuses to delete a non-empty folder that was not made by these scripts.
+    """
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        if not (out / OUTPUT_MARKER).exists():
+            raise SystemExit(f"refusing to overwrite {out}: not empty and no {OUTPUT_MARKER}")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def train_spm(lines, model_path, vocab_size, user_symbols=()):
+    """Train a unigram sentencepiece model on ``lines``; write it and its .vocab.
+
+    Full character coverage, a fixed random seed and one thread; the text is
+    streamed from memory so that no file path ends up inside the model, which
+    keeps ``model_path`` reproducible byte for byte.
+    """
+    model = io.BytesIO()
+    spm.set_random_generator_seed(SPM_SEED)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="unigram",
+        character_coverage=1.0,
+        user_defined_symbols=list(user_symbols),
+        num_threads=1,
+        minloglevel=2,
+    )
+    Path(model_path).write_bytes(model.getvalue())
+    processor = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    write_lines(Path(model_path).with_suffix(".vocab"),
+                [f"{processor.id_to_piece(i)}\t{processor.get_score(i):g}"
+                 for i in range(processor.get_piece_size())])
+
+
+def get_spm(args, prog, corpus_lines, user_symbols=()):
+    """Train on ``corpus_lines`` (or reuse via ``--spm-model``) a sentencepiece model.
+
+    The model, and its .vocab file when there is one, ends up as
+    ``<out>/spm.model`` and ``<out>/spm.vocab``. Returns the loaded processor.
+    """
+    target = args.out / "spm.model"
+    if args.spm_model is not None:
+        log(prog, f"reusing sentencepiece model {args.spm_model}")
+        shutil.copyfile(args.spm_model, target)
+        vocab = args.spm_model.with_suffix(".vocab")
+        if vocab.exists():
+            shutil.copyfile(vocab, args.out / "spm.vocab")
+    else:
+        log(prog, f"training sentencepiece unigram model, vocab {args.vocab_size}, "
+                  f"on {len(corpus_lines)} lines")
+        train_spm(corpus_lines, target, args.vocab_size, user_symbols)
+    processor = spm.SentencePieceProcessor(model_file=str(target))
+    for symbol in user_symbols:
+        if processor.piece_to_id(symbol) == processor.unk_id():
+            raise SystemExit(f"sentencepiece model lacks the symbol {symbol}")
+    return processor
+
+
+def encode(processor, lines, prefix=None):
+    """Encode ``lines`` into space-separated pieces, optionally led by ``prefix``.
+
+    The prefix (a user-defined symbol such as ``<2de>``) is encoded together
+    with the line, exactly as ``fairseq-interactive --bpe sentencepiece`` encodes
+    a typed ``<2de> A man ...``, so interactive input matches the training data.
+    """
+    if prefix:
+        lines = [f"{prefix} {line}" for line in lines]
+    return [" ".join(line) for line in processor.encode(lines, out_type=str)]
+
+
+def test_split_name(index):
+    """Return the split name fairseq-preprocess gives the ``index``-th --testpref."""
+    return f"test{index or ''}"
+
+
+def run_preprocess(prog, options):
+    """Run ``fairseq_cli.preprocess`` with ``options`` in the current interpreter."""
+    command = [sys.executable, "-m", "fairseq_cli.preprocess", *map(str, options)]
+    log(prog, "running " + " ".join(command))
+    subprocess.run(command, check=True)
+
+
+def write_json(path, data):
+    """Write ``data`` as indented, key-sorted JSON."""
+    Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")

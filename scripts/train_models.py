@@ -1,0 +1,130 @@
+#!/usr/bin/env python3
+"""Train the bundled models (MoE and dense baselines) with ``fairseq-train``.
+
+Recipes (the same optimiser, schedule and budget for MoE and dense of a kind):
+
+* ``mt_moe``   -- ``transformer_moe_small``: multilingual en->{de,fr,cs}, 16 experts
+  every 2nd layer in encoder and decoder, top-2, static gating;
+* ``mt_dense`` -- the same with ``--moe-freq 0`` (same active parameters);
+* ``lm_moe``   -- ``transformer_lm_moe_small``: 16 experts every 2nd layer;
+* ``lm_dense`` -- the same with ``--moe-freq 0``.
+
+The selected runs go in parallel (one GPU holds them all) and each writes
+``<save-root>/<name>/model_card.json`` with its exact command, wall time,
+updates reached and device. ``--export-dir`` then averages the last interval
+checkpoints into a serving checkpoint (fp16, experts in shard files).
+
+Example (the device run that made the bundled models):
+    python scripts/train_models.py --models mt_moe mt_dense lm_moe lm_dense \
+        --mt-updates 6000 --lm-updates 3000 --stop-minutes 8 --export-dir exported
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+USER_DIR = os.path.join(REPO, "fairseq_moe_infer")
+
+COMMON = [
+    "--optimizer", "adam", "--adam-betas", "(0.9,0.98)", "--lr", "1e-3", "--lr-scheduler", "inverse_sqrt",
+    "--warmup-updates", "1000", "--dropout", "0.3", "--attention-dropout", "0.1", "--fp16",
+    "--moe-gating-use-fp32", "--seed", "1", "--num-workers", "2", "--log-format", "simple",
+    "--log-interval", "100", "--no-epoch-checkpoints", "--save-interval-updates", "250",
+    "--keep-interval-updates", "4", "--validate-interval", "5",
+]
+MT = ["--task", "moe_translation", "--arch", "transformer_moe_small", "--source-lang", "src", "--target-lang", "tgt",
+      "--criterion", "moe_label_smoothed_cross_entropy", "--label-smoothing", "0.1", "--weight-decay", "0.0001",
+      "--max-tokens", "12288"]
+LM = ["--task", "moe_language_modeling", "--arch", "transformer_lm_moe_small", "--criterion", "moe_cross_entropy",
+      "--tokens-per-sample", "256", "--sample-break-mode", "none", "--weight-decay", "0.01", "--max-tokens", "16384"]
+RECIPES = {
+    "mt_moe": ("mt", MT),
+    "mt_dense": ("mt", MT + ["--moe-freq", "0"]),
+    "lm_moe": ("lm", LM),
+    "lm_dense": ("lm", LM + ["--moe-freq", "0"]),
+}
+
+
+def device_name() -> str:
+    try:
+        import torch
+
+        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    except Exception as e:  # the card still records that the name was unavailable
+        return f"unknown ({e})"
+
+
+def command(name: str, a) -> list:
+    kind, flags = RECIPES[name]
+    updates = a.mt_updates if kind == "mt" else a.lm_updates
+    return [
+        sys.executable, "-m", "fairseq_cli.train", os.path.join(a.data_bin, kind), "--user-dir", USER_DIR,
+        *flags, *COMMON, "--max-update", str(updates), "--stop-time-hours", f"{a.stop_minutes / 60:.4f}",
+        "--save-dir", os.path.join(a.save_root, name),
+    ]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=list(RECIPES), choices=list(RECIPES), help="runs to start")
+    p.add_argument("--data-bin", default=os.path.join(REPO, "data-bin"), help="folder with mt/ and lm/ data-bins")
+    p.add_argument("--save-root", default=os.path.join(REPO, "checkpoints"), help="checkpoint folders go here")
+    p.add_argument("--mt-updates", type=int, default=6000, help="--max-update of the translation runs")
+    p.add_argument("--lm-updates", type=int, default=3000, help="--max-update of the LM runs")
+    p.add_argument("--stop-minutes", type=float, default=60.0, help="wall-clock limit of each run")
+    p.add_argument("--export-dir", default=None, help="write averaged fp16 serving checkpoints here")
+    p.add_argument("--average", type=int, default=4, help="interval checkpoints to average on export")
+    a = p.parse_args(argv)
+
+    procs = {}
+    for name in a.models:
+        os.makedirs(os.path.join(a.save_root, name), exist_ok=True)
+        cmd = command(name, a)
+        log = open(os.path.join(a.save_root, name, "train.log"), "w")
+        procs[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), cmd, time.time())
+        print(f"[train] started {name}", file=sys.stderr, flush=True)
+    cards = {}
+    for name, (proc, cmd, t0) in procs.items():
+        rc = proc.wait()
+        wall = time.time() - t0
+        with open(os.path.join(a.save_root, name, "train.log")) as f:
+            lines = f.read().splitlines()
+        last = [ln for ln in lines if "| train |" in ln or "| valid |" in ln][-2:]
+        card = {"name": name, "returncode": rc, "wall_seconds": round(wall, 1), "device": device_name(),
+                "command": " ".join(cmd[1:]).replace(REPO + "/", ""), "last_log_lines": last}
+        if a.export_dir and rc == 0:
+            card["export"] = export(name, a)
+        with open(os.path.join(a.save_root, name, "model_card.json"), "w") as f:
+            json.dump(card, f, indent=1)
+        cards[name] = card
+        print(f"[train] {name}: exit {rc} after {wall:.0f}s; {last[-1] if last else ''}", file=sys.stderr, flush=True)
+    print(json.dumps(cards))
+    if any(c["returncode"] for c in cards.values()):
+        sys.exit(1)
+
+
+def export(name: str, a) -> dict:
+    sys.path.insert(0, REPO)
+    from fairseq_moe_infer.checkpoint import export_checkpoint
+
+    folder = os.path.join(a.save_root, name)
+    ckpts = sorted(
+        (f for f in os.listdir(folder) if f.startswith("checkpoint_") and f.endswith(".pt") and "_best" not in f
+         and "_last" not in f),
+        key=lambda f: int(f.split("_")[-1][:-3]),
+    )[-a.average:]
+    if not ckpts:
+        ckpts = ["checkpoint_last.pt"]
+    out = os.path.join(a.export_dir, name, "checkpoint.pt")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    shards = 2 if name.endswith("_moe") else 0
+    written = export_checkpoint([os.path.join(folder, c) for c in ckpts], out, shards)
+    return {"averaged": ckpts, "files": [os.path.basename(w) for w in written]}
+
+
+if __name__ == "__main__":
+    main()
