@@ -87,3 +87,64 @@ def install_shard_loader() -> None:
     load_checkpoint_to_cpu._moe_shards = True
     load_checkpoint_to_cpu.__doc__ = original.__doc__
     checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu
+
+
+def _is_expert_key(key: str) -> bool:
+    return ".moe_layer.experts." in key
+
+
+def export_checkpoint(paths: List[str], out_path: str, num_shards: int = 1, dtype: torch.dtype = torch.float16) -> List[str]:
+    """Write a serving checkpoint: averaged weights, ``dtype``, no optimizer state.
+
+    Args:
+        paths: fairseq training checkpoints; their float tensors are averaged
+            (one path: copied).
+        out_path: the main file (loads with ``--path out_path``).
+        num_shards: expert shard files written beside it (0: experts stay in the
+            main file); each holds an equal slice of every layer's experts.
+        dtype: dtype of floating-point tensors.
+
+    Returns:
+        The paths written (main file first).
+
+    Raises:
+        ValueError: shard count not dividing the expert count, or checkpoints
+            with different parameters.
+    """
+    states = []
+    for p in paths:
+        with open(p, "rb") as f:
+            states.append(torch.load(f, map_location="cpu"))
+    model: Dict[str, torch.Tensor] = {}
+    for key, t in states[0]["model"].items():
+        if any(key not in s["model"] for s in states[1:]):
+            raise ValueError(f"{key} is missing from some of {paths}; average checkpoints of one run only")
+        if t.is_floating_point():
+            t = torch.stack([s["model"][key].double() for s in states]).mean(0).to(dtype)
+        # tied weights (shared embeddings) were saved as equal copies: store them once
+        twin = next((v for v in model.values() if v.shape == t.shape and v.dtype == t.dtype and torch.equal(v, t)), None)
+        model[key] = t if twin is None else twin
+    keep = ("args", "cfg")
+    out = {k: states[-1][k] for k in keep if k in states[-1]}
+    out["model"] = {k: v for k, v in model.items() if not (num_shards and _is_expert_key(k))}
+    out["extra_state"] = {"averaged_from": [os.path.basename(p) for p in paths]}
+    out["optimizer_history"] = states[-1].get("optimizer_history", [])[-1:]  # names, scheduler state, best loss
+    written = [out_path]
+    if num_shards:
+        stem = os.path.splitext(os.path.basename(out_path))[0]
+        names = [f"{stem}.experts-{i}-of-{num_shards}.pt" for i in range(num_shards)]
+        shards = [{} for _ in names]
+        for key, t in model.items():
+            if not _is_expert_key(key):
+                continue
+            if t.shape[0] % num_shards:
+                raise ValueError(f"{num_shards} shards do not divide the {t.shape[0]} experts of {key}")
+            for i, part in enumerate(t.chunk(num_shards, dim=0)):
+                shards[i][key] = part.clone()
+        out[SHARDS_KEY] = names
+        for name, shard in zip(names, shards):
+            path = os.path.join(os.path.dirname(out_path) or ".", name)
+            torch.save({"model": shard}, path)
+            written.append(path)
+    torch.save(out, out_path)
+    return written

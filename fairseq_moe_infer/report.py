@@ -6,7 +6,7 @@ forwards only and gives:
 
 * ``tokens_per_s``: non-padding tokens entering the MoE stacks (first MoE layer
   of the encoder plus first MoE layer of the decoder) over the wall time from
-  the first to the last model forward;
+  the first to the last MoE-layer forward;
 * ``peak_accelerator_memory_bytes``: ``torch.cuda.max_memory_allocated`` (None on CPU);
 * ``dropped`` / ``routed``: top-k choices dropped for capacity / all valid choices;
 * per layer: tokens, routed, dropped and tokens per expert.
@@ -44,9 +44,9 @@ class MoERunReport:
         self.t_first: Optional[float] = None
         self.t_last: Optional[float] = None
         self._done = False
-        model.register_forward_pre_hook(self._pre)
-        model.register_forward_hook(self._post)
-        for _, m in self.layers:
+        for _, m in self.layers:  # the tools call encoder/decoder directly, so hook the MoE layers
+            m.register_forward_pre_hook(self._pre)
+            m.register_forward_hook(self._post)
             m.reset_eval_totals()
 
     def _pre(self, module, args):
@@ -91,7 +91,7 @@ class MoERunReport:
         logger.info(
             "MoE summary: gating=%s tokens=%d tokens/s=%s dropped=%d/%d (%.2f%%) peak accelerator memory=%s",
             s["gating"], s["tokens"], s["tokens_per_s"], s["dropped"], s["routed"], 100 * s["drop_rate"],
-            "n/a" if s["peak_accelerator_memory_bytes"] is None else f"{s['peak_accelerator_memory_bytes'] / 2**20:.1f} MiB",
+            "n/a" if s["peak_accelerator_memory_bytes"] is None else f"{s['peak_accelerator_memory_bytes'] / 2**20:.0f} MiB",
         )
         for name, v in s["layers"].items():
             logger.info("MoE %s: tokens per expert %s (dropped %d)", name, v["expert_counts"], v["dropped"])

@@ -16,7 +16,7 @@ checkpoints into a serving checkpoint (fp16, experts in shard files).
 
 Example (the device run that made the bundled models):
     python scripts/train_models.py --models mt_moe mt_dense lm_moe lm_dense \
-        --mt-updates 6000 --lm-updates 3000 --stop-minutes 8 --export-dir exported
+        --stop-minutes 8.7 --export-dir exported --evaluate
 """
 
 import argparse
@@ -31,7 +31,7 @@ USER_DIR = os.path.join(REPO, "fairseq_moe_infer")
 
 COMMON = [
     "--optimizer", "adam", "--adam-betas", "(0.9,0.98)", "--lr", "1e-3", "--lr-scheduler", "inverse_sqrt",
-    "--warmup-updates", "1000", "--dropout", "0.3", "--attention-dropout", "0.1", "--fp16",
+    "--warmup-updates", "600", "--dropout", "0.3", "--attention-dropout", "0.1", "--fp16",
     "--moe-gating-use-fp32", "--seed", "1", "--num-workers", "2", "--log-format", "simple",
     "--log-interval", "100", "--no-epoch-checkpoints", "--save-interval-updates", "250",
     "--keep-interval-updates", "4", "--validate-interval", "5",
@@ -61,9 +61,10 @@ def device_name() -> str:
 def command(name: str, a) -> list:
     kind, flags = RECIPES[name]
     updates = a.mt_updates if kind == "mt" else a.lm_updates
+    common = [f for f in COMMON if f != "--fp16"] + ["--cpu"] if a.cpu else COMMON
     return [
         sys.executable, "-m", "fairseq_cli.train", os.path.join(a.data_bin, kind), "--user-dir", USER_DIR,
-        *flags, *COMMON, "--max-update", str(updates), "--stop-time-hours", f"{a.stop_minutes / 60:.4f}",
+        *flags, *common, "--max-update", str(updates), "--stop-time-hours", f"{a.stop_minutes / 60:.4f}",
         "--save-dir", os.path.join(a.save_root, name),
     ]
 
@@ -73,11 +74,14 @@ def main(argv=None):
     p.add_argument("--models", nargs="+", default=list(RECIPES), choices=list(RECIPES), help="runs to start")
     p.add_argument("--data-bin", default=os.path.join(REPO, "data-bin"), help="folder with mt/ and lm/ data-bins")
     p.add_argument("--save-root", default=os.path.join(REPO, "checkpoints"), help="checkpoint folders go here")
-    p.add_argument("--mt-updates", type=int, default=6000, help="--max-update of the translation runs")
-    p.add_argument("--lm-updates", type=int, default=3000, help="--max-update of the LM runs")
+    p.add_argument("--mt-updates", type=int, default=2600, help="--max-update of the translation runs")
+    p.add_argument("--lm-updates", type=int, default=2600, help="--max-update of the LM runs")
     p.add_argument("--stop-minutes", type=float, default=60.0, help="wall-clock limit of each run")
     p.add_argument("--export-dir", default=None, help="write averaged fp16 serving checkpoints here")
     p.add_argument("--average", type=int, default=4, help="interval checkpoints to average on export")
+    p.add_argument("--cpu", action="store_true", help="train on the CPU in float32 (smoke tests)")
+    p.add_argument("--evaluate", action="store_true",
+                   help="run scripts/evaluate.py on each exported model as soon as its training ends")
     a = p.parse_args(argv)
 
     procs = {}
@@ -87,24 +91,47 @@ def main(argv=None):
         log = open(os.path.join(a.save_root, name, "train.log"), "w")
         procs[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), cmd, time.time())
         print(f"[train] started {name}", file=sys.stderr, flush=True)
-    cards = {}
-    for name, (proc, cmd, t0) in procs.items():
-        rc = proc.wait()
-        wall = time.time() - t0
-        with open(os.path.join(a.save_root, name, "train.log")) as f:
-            lines = f.read().splitlines()
-        last = [ln for ln in lines if "| train |" in ln or "| valid |" in ln][-2:]
-        card = {"name": name, "returncode": rc, "wall_seconds": round(wall, 1), "device": device_name(),
-                "command": " ".join(cmd[1:]).replace(REPO + "/", ""), "last_log_lines": last}
-        if a.export_dir and rc == 0:
-            card["export"] = export(name, a)
-        with open(os.path.join(a.save_root, name, "model_card.json"), "w") as f:
-            json.dump(card, f, indent=1)
-        cards[name] = card
-        print(f"[train] {name}: exit {rc} after {wall:.0f}s; {last[-1] if last else ''}", file=sys.stderr, flush=True)
+    cards, evals = {}, {}
+    while len(cards) < len(procs):
+        for name, (proc, cmd, t0) in procs.items():
+            if name in cards or proc.poll() is None:
+                continue
+            cards[name] = finish(name, proc.returncode, cmd, time.time() - t0, a)
+            if a.evaluate and proc.returncode == 0 and "export" in cards[name]:
+                evals[name] = start_evaluation(name, a)
+        time.sleep(2)
+    for name, proc in evals.items():
+        cards[name]["evaluation_returncode"] = proc.wait()
     print(json.dumps(cards))
     if any(c["returncode"] for c in cards.values()):
         sys.exit(1)
+
+
+def finish(name: str, rc: int, cmd: list, wall: float, a) -> dict:
+    """Write the model card of a finished run (and export it)."""
+    with open(os.path.join(a.save_root, name, "train.log")) as f:
+        lines = f.read().splitlines()
+    last = [ln for ln in lines if "| train |" in ln or "| valid |" in ln][-2:]
+    card = {"name": name, "returncode": rc, "wall_seconds": round(wall, 1), "device": device_name(),
+            "command": "fairseq-train " + " ".join(cmd[3:]).replace(REPO + "/", ""), "last_log_lines": last}
+    if a.export_dir and rc == 0:
+        card["export"] = export(name, a)
+    with open(os.path.join(a.save_root, name, "model_card.json"), "w") as f:
+        json.dump(card, f, indent=1)
+    print(f"[train] {name}: exit {rc} after {wall:.0f}s; {last[-1] if last else ''}", file=sys.stderr, flush=True)
+    return card
+
+
+def start_evaluation(name: str, a) -> subprocess.Popen:
+    """Run scripts/evaluate.py on an exported model in the background (results in its folder)."""
+    ckpt = os.path.join(a.export_dir, name, "checkpoint.pt")
+    kind = "--skip-lm" if name.startswith("mt") else "--skip-mt"
+    flag = "--mt-checkpoint" if name.startswith("mt") else "--lm-checkpoint"
+    out = os.path.join(a.save_root, name, "evaluation")
+    cmd = [sys.executable, os.path.join(REPO, "scripts", "evaluate.py"), flag, ckpt, kind, "--out-dir", out]
+    log = open(os.path.join(a.save_root, name, "evaluate.log"), "w")
+    print(f"[train] evaluating {name}", file=sys.stderr, flush=True)
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
 
 
 def export(name: str, a) -> dict:

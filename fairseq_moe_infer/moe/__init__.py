@@ -1,6 +1,6 @@
 """The MoE layer and its parts: gate, dispatchers, experts, all-to-all."""
 
-from .dispatch import DISPATCHERS, DispatchStats, Dispatcher, build_dispatcher, register_dispatcher
+from .dispatch import DISPATCHERS, Dispatcher, DispatchStats, build_dispatcher, register_dispatcher
 from .experts import Experts
 from .gate import MoEConfigError, Routing, TopKGate
 from .moe_layer import MoELayer
