@@ -37,7 +37,7 @@ from bleu import read_hypotheses, score  # noqa: E402
 
 USER_DIR = os.path.join(REPO, "fairseq_moe_infer")
 _PPL = re.compile(r"Loss \(base 2\): ([0-9.]+), Perplexity: ([0-9.]+)")
-_EVALUATED = re.compile(r"Evaluated ([0-9]+) tokens in ([0-9.]+)s")
+_EVALUATED = re.compile(r"Evaluated ([0-9,]+) tokens in ([0-9.]+)s")
 
 
 def log(msg: str) -> None:
@@ -136,7 +136,7 @@ def evaluate_lm(a, out_dir: str) -> dict:
         m, n = _PPL.search(text), _EVALUATED.search(text)
         if not m:
             raise RuntimeError(f"no perplexity in the eval-lm output of {name}")
-        r = {"perplexity": float(m.group(2)), "loss_base2": float(m.group(1)), "tokens": int(n.group(1)) if n else None}
+        r = {"perplexity": float(m.group(2)), "loss_base2": float(m.group(1)), "tokens": int(n.group(1).replace(",", "")) if n else None}
         r.update(moe_brief(stats))
         r["seconds"] = round(time.time() - t0, 1)
         results[name] = r

@@ -1,0 +1,246 @@
+#!/usr/bin/env python3
+"""End-to-end throughput of paper-shaped MoE models through fairseq's own inference code.
+
+The models are built by the plugin's fairseq task (``task.build_model``, as
+``fairseq-eval-lm`` / ``fairseq-generate`` do) with random bf16 weights (no
+checkpoint I/O), then timed on the exact code paths of the stock tools:
+
+* ``lm``: ``fairseq.sequence_scorer.SequenceScorer`` (what ``fairseq-eval-lm``
+  runs per batch) on blocks of 512 tokens -- like fairseq's MoE language models
+  (Artetxe et al. 2021): 24 layers, d=1024, FFN 4096, 16 heads, MoE every 2nd
+  layer, top-2, E experts, vocabulary 51,200;
+* ``mt-encoder``: the encoder forward over source batches (encoder-heavy work)
+  and ``mt-generate``: ``fairseq.sequence_generator.SequenceGenerator`` (what
+  ``fairseq-generate`` runs), beam 4, 64-token sources and exactly 32 generated
+  tokens -- shaped like NLLB-MoE: d=2048, FFN 8192, 16 heads, MoE every 4th
+  layer, E=128, top-2, 12+12 layers, vocabulary 32k.
+
+For each gating policy (static with eval capacity fraction 0.25 and 1.0,
+dynamic) the batch grows by doubling until it runs out of memory; the report is
+tokens/s per batch, the maximum per policy, peak memory and the ratio of
+maximum throughputs dynamic / static.
+
+Example:
+    python benchmarks/bench_end_to_end.py --model lm --out benchmarks/results/e2e_lm_h200.json
+"""
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import free_memory, init_distributed, is_oom, run_info, time_cuda, write_json  # noqa: E402
+
+USER_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fairseq_moe_infer")
+POLICIES = {"static-0.25": ("static", 0.25), "static-1.0": ("static", 1.0), "dynamic": ("dynamic", 0.25)}
+
+
+def model_argv(kind: str, experts: int, layers: int, data: str) -> list:
+    if kind == "lm":
+        return [data, "--task", "moe_language_modeling", "--arch", "transformer_lm_moe", "--decoder-layers", str(layers),
+                "--decoder-embed-dim", "1024", "--decoder-ffn-embed-dim", "4096", "--decoder-attention-heads", "16",
+                "--moe-expert-count", str(experts), "--moe-freq", "2", "--tokens-per-sample", "512",
+                "--share-decoder-input-output-embed"]
+    return [data, "--task", "moe_translation", "--arch", "transformer_moe", "--source-lang", "src", "--target-lang", "tgt",
+            "--encoder-layers", str(layers), "--decoder-layers", str(layers), "--encoder-embed-dim", "2048",
+            "--decoder-embed-dim", "2048", "--encoder-ffn-embed-dim", "8192", "--decoder-ffn-embed-dim", "8192",
+            "--encoder-attention-heads", "16", "--decoder-attention-heads", "16", "--moe-expert-count", str(experts),
+            "--moe-freq", "4", "--share-all-embeddings"]
+
+
+def write_dict(folder: str, names, size: int) -> None:
+    for name in names:
+        with open(os.path.join(folder, name), "w") as f:
+            f.writelines(f"w{i} 1\n" for i in range(size - 4))
+
+
+def build(kind: str, experts: int, layers: int):
+    """(model, task) on the GPU in bf16 with random weights, built by the plugin's task."""
+    from fairseq import options, tasks
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+    from fairseq.modules import SinusoidalPositionalEmbedding
+
+    data = tempfile.mkdtemp()
+    write_dict(data, ["dict.txt"] if kind == "lm" else ["dict.src.txt", "dict.tgt.txt"], 51200 if kind == "lm" else 32000)
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(parser, model_argv(kind, experts, layers, data) + ["--user-dir", USER_DIR])
+    cfg = convert_namespace_to_omegaconf(args)
+    task = tasks.setup_task(cfg.task)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("meta"):  # no host-side init of billions of parameters
+        model = task.build_model(cfg.model)
+    torch.set_default_dtype(torch.float32)
+    model = model.to_empty(device="cuda").to(torch.bfloat16).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.02)
+            elif "layer_norm" in name and name.endswith("weight"):
+                p.fill_(1.0)
+            else:
+                p.zero_()
+    for m in model.modules():
+        if isinstance(m, SinusoidalPositionalEmbedding):  # a non-persistent buffer: recompute it
+            m.weights = m.get_embedding(m.weights.size(0), m.embedding_dim, m.padding_idx).to(m.weights)
+        if hasattr(m, "reset_eval_totals"):
+            m.reset_eval_totals()
+    return model, task
+
+
+def set_policy(model, name: str) -> None:
+    from fairseq_moe_infer.moe import MoELayer
+
+    gating, fraction = POLICIES[name]
+    for m in model.modules():
+        if isinstance(m, MoELayer):
+            m.set_gating(gating, fraction)
+
+
+def random_tokens(batch: int, length: int, vocab: int, seed: int) -> torch.Tensor:
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return torch.randint(4, vocab, (batch, length), device="cuda", generator=g)
+
+
+def lm_runner(model, task):
+    from fairseq.sequence_scorer import SequenceScorer
+
+    scorer = SequenceScorer(task.target_dictionary)
+    vocab = len(task.target_dictionary)
+
+    def run(batch_tokens: int, i: int):
+        b = max(1, batch_tokens // 512)
+        src = random_tokens(b, 512, vocab, i)
+        sample = {"net_input": {"src_tokens": src, "src_lengths": torch.full((b,), 512, device="cuda")},
+                  "target": torch.roll(src, -1, 1), "ntokens": b * 512}
+        return scorer.generate([model], sample)
+
+    return run, lambda bt: max(1, bt // 512) * 512
+
+
+def mt_encoder_runner(model, task):
+    vocab = len(task.source_dictionary)
+
+    def run(batch_tokens: int, i: int):
+        b = max(1, batch_tokens // 64)
+        src = random_tokens(b, 64, vocab, i)
+        return model.encoder(src, src_lengths=torch.full((b,), 64, device="cuda"))
+
+    return run, lambda bt: max(1, bt // 64) * 64
+
+
+def mt_generate_runner(model, task, beam: int = 4, out_len: int = 32):
+    from fairseq.sequence_generator import SequenceGenerator
+
+    gen = SequenceGenerator([model], task.target_dictionary, beam_size=beam, max_len_a=0, max_len_b=out_len,
+                            min_len=out_len)
+    vocab = len(task.source_dictionary)
+
+    def run(batch_tokens: int, i: int):  # batch_tokens counts generated target tokens
+        b = max(1, batch_tokens // out_len)
+        src = random_tokens(b, 64, vocab, i)
+        sample = {"net_input": {"src_tokens": src, "src_lengths": torch.full((b,), 64, device="cuda")}}
+        return gen.generate([model], sample)
+
+    return run, lambda bt: max(1, bt // out_len) * out_len
+
+
+def sweep(run, count, policies, start_tokens, max_tokens, deadline, budget_s, label):
+    rows = []
+    for name in policies:
+        set_policy(MODEL[0], name)
+        bt = start_tokens
+        while bt <= max_tokens:
+            row = {"workload": label, "policy": name, "batch_tokens": count(bt)}
+            if time.time() > deadline:
+                row["skipped"] = "time budget"
+                rows.append(row)
+                break
+            try:
+                with torch.no_grad():
+                    free_memory()
+                    torch.cuda.reset_peak_memory_stats()
+                    row.update(time_cuda(lambda i: run(bt, i), warmup=1, repeat=3, budget_s=budget_s))
+                row["tokens_per_s"] = round(count(bt) / (row["median_ms"] / 1000), 1)
+                row["peak_memory_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            except RuntimeError as e:
+                if not is_oom(e):
+                    raise
+                row["oom"] = True
+            free_memory()
+            rows.append(row)
+            print(" ".join(f"{k}={v}" for k, v in row.items()), file=sys.stderr, flush=True)
+            if row.get("oom"):
+                break
+            bt *= 2
+    return rows
+
+
+MODEL = [None]
+
+
+def summarize(rows):
+    best = {}
+    for r in rows:
+        if "tokens_per_s" in r:
+            key = (r["workload"], r["policy"])
+            if r["tokens_per_s"] > best.get(key, {}).get("tokens_per_s", 0):
+                best[key] = r
+    out = {}
+    for (workload, policy), r in best.items():
+        out.setdefault(workload, {})[policy] = {"max_tokens_per_s": r["tokens_per_s"], "at_batch_tokens": r["batch_tokens"],
+                                                 "peak_memory_GiB": r["peak_memory_GiB"]}
+    for workload, pol in out.items():
+        if "dynamic" in pol:
+            for s in ("static-0.25", "static-1.0"):
+                if s in pol:
+                    pol[f"dynamic_over_{s}"] = round(pol["dynamic"]["max_tokens_per_s"] / pol[s]["max_tokens_per_s"], 2)
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=["lm", "mt"], required=True)
+    p.add_argument("--experts", type=int, default=128)
+    p.add_argument("--layers", type=int, default=None, help="LM layers (24) or MT layers per side (12)")
+    p.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
+    p.add_argument("--start-tokens", type=int, default=2048)
+    p.add_argument("--max-tokens", type=int, default=262144)
+    p.add_argument("--budget-s", type=float, default=3.0, help="timed seconds per point at most")
+    p.add_argument("--max-minutes", type=float, default=10.0)
+    p.add_argument("--out", required=True)
+    a = p.parse_args(argv)
+    rank, world = init_distributed()
+    deadline = time.time() + 60 * a.max_minutes
+    layers = a.layers or (24 if a.model == "lm" else 12)
+    t0 = time.time()
+    model, task = build(a.model, a.experts, layers)
+    MODEL[0] = model
+    n_params = sum(p.numel() for p in model.parameters())
+    info = {"build_seconds": round(time.time() - t0, 1), "parameters_per_gpu": n_params,
+            "weights_GiB_per_gpu": round(torch.cuda.memory_allocated() / 2**30, 2)}
+    print(info, file=sys.stderr, flush=True)
+    rows = []
+    if a.model == "lm":
+        run, count = lm_runner(model, task)
+        rows += sweep(run, count, a.policies, a.start_tokens, a.max_tokens, deadline, a.budget_s, "lm-eval")
+    else:
+        run, count = mt_encoder_runner(model, task)
+        rows += sweep(run, count, a.policies, a.start_tokens, a.max_tokens, deadline - 60 * a.max_minutes / 2,
+                      a.budget_s, "mt-encoder")
+        run, count = mt_generate_runner(model, task)
+        rows += sweep(run, count, a.policies, 256, a.max_tokens // 8, deadline, a.budget_s, "mt-generate")
+    summary = summarize(rows)
+    if rank == 0:
+        write_json(a.out, {"benchmark": f"end_to_end_{a.model}", "run": run_info(), "model": info,
+                           "experts": a.experts, "layers": layers, "rows": rows, "summary": summary})
+    for workload, pol in summary.items():
+        print(workload, pol)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+#!/usr/bin/env python3
+"""Benchmark the MoE layer alone: static vs dynamic gating, bf16, against the roofline floor.
+
+For each expert shape E x d x f and token count T (tokens per GPU), times one
+evaluation-mode forward of :class:`fairseq_moe_infer.moe.MoELayer` (top-2) under
+
+* ``static-0.25``: fairseq static gating, eval capacity ceil(0.25 T) per expert;
+* ``static-1.0``:  static gating with capacity T (drops nothing);
+* ``dynamic``:     dynamic gating (sorted by expert, grouped GEMM);
+
+and reports the median time, the peak activation memory (beyond weights and
+input) and the ratio to the floor ``max(FLOPs / bf16 matmul rate,
+expert weight bytes / copy rate)``, both rates measured in the same run.
+FLOPs = 2 GEMMs x 2 x d x f per routed token x k=2 choices. Under torchrun the
+experts are sharded over the GPUs (expert parallelism) and every GPU routes its
+own T tokens; the floor is per GPU (its local expert bytes), communication excluded.
+
+Example:
+    python benchmarks/bench_moe_layer.py --out benchmarks/results/moe_layer_h200.json
+    torchrun --nproc-per-node 2 benchmarks/bench_moe_layer.py --out benchmarks/results/moe_layer_2xh200.json
+"""
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import (  # noqa: E402
+    free_memory,
+    init_distributed,
+    is_oom,
+    measure_ceilings,
+    run_info,
+    time_cuda,
+    write_json,
+)
+from fairseq_moe_infer.moe import MoELayer  # noqa: E402
+
+POLICIES = {"static-0.25": ("static", 0.25), "static-1.0": ("static", 1.0), "dynamic": ("dynamic", 0.25)}
+
+
+def bench_shape(E, d, f, tokens, policies, ceilings, world, budget_s, deadline):
+    torch.manual_seed(0)
+    layer = MoELayer(d, f, E, k=2).cuda().to(torch.bfloat16).eval()
+    local_weight_bytes = sum(p.numel() * p.element_size() for p in layer.experts.parameters())
+    rows = []
+    for T in tokens:
+        flops = 2 * 2 * d * f * 2 * T  # per GPU: its T tokens' worth of expert work on average
+        floor_ms = 1000 * max(flops / (ceilings["bf16_matmul_tflops"] * 1e12),
+                              local_weight_bytes / (ceilings["copy_GBps_read_plus_write"] * 1e9))
+        inputs = [torch.randn(T, d, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+        for name in policies:
+            gating, fraction = POLICIES[name]
+            row = {"E": E, "d": d, "f": f, "tokens_per_gpu": T, "policy": name, "floor_ms": round(floor_ms, 4)}
+            if time.time() > deadline:
+                row["skipped"] = "time budget"
+                rows.append(row)
+                continue
+            layer.set_gating(gating, fraction)
+            try:
+                with torch.no_grad():
+                    free_memory()
+                    base = torch.cuda.memory_allocated()
+                    torch.cuda.reset_peak_memory_stats()
+                    layer(inputs[0])
+                    torch.cuda.synchronize()
+                    row["peak_activation_MiB"] = round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
+                    row["dropped_pct"] = round(100 * layer.last_stats.dropped.item() / max(layer.last_stats.routed.item(), 1), 2)
+                    row.update(time_cuda(lambda i: layer(inputs[i % 3]), warmup=2, repeat=10, budget_s=budget_s))
+                row["x_floor"] = round(row["median_ms"] / floor_ms, 3)
+                row["tokens_per_s"] = round(T * world / (row["median_ms"] / 1000))
+            except RuntimeError as e:
+                if not is_oom(e):
+                    raise
+                row["oom"] = True
+            free_memory()
+            rows.append(row)
+            print(" ".join(f"{k}={v}" for k, v in row.items()), file=sys.stderr, flush=True)
+        del inputs
+    del layer
+    free_memory()
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", nargs="+", default=["64x1024x4096", "128x2048x8192"], help="E x d x f")
+    p.add_argument("--tokens", nargs="+", type=int, default=[512, 4096, 32768, 131072], help="tokens per GPU")
+    p.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
+    p.add_argument("--budget-s", type=float, default=2.0, help="timed seconds per measurement at most")
+    p.add_argument("--max-minutes", type=float, default=30.0, help="skip remaining measurements after this")
+    p.add_argument("--out", required=True, help="JSON results path")
+    a = p.parse_args(argv)
+    rank, world = init_distributed()
+    deadline = time.time() + 60 * a.max_minutes
+    ceilings = measure_ceilings()
+    rows = []
+    for shape in a.shapes:
+        E, d, f = (int(v) for v in shape.split("x"))
+        rows += bench_shape(E, d, f, a.tokens, a.policies, ceilings, world, a.budget_s, deadline)
+    if rank == 0:
+        write_json(a.out, {"benchmark": "moe_layer", "run": run_info(), "ceilings": ceilings, "rows": rows})
+    print_table(rows)
+
+
+def print_table(rows):
+    print(f"{'shape':>15} {'T/GPU':>7} {'policy':>12} {'ms':>9} {'x floor':>8} {'act MiB':>9} {'drop%':>6}")
+    for r in rows:
+        shape = f"{r['E']}x{r['d']}x{r['f']}"
+        ms = "OOM" if r.get("oom") else r.get("skipped", f"{r.get('median_ms', 0):.3f}")
+        print(f"{shape:>15} {r['tokens_per_gpu']:>7} {r['policy']:>12} {ms:>9} {r.get('x_floor', ''):>8} "
+              f"{r.get('peak_activation_MiB', ''):>9} {r.get('dropped_pct', ''):>6}")
+
+
+if __name__ == "__main__":
+    main()

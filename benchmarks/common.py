@@ -1,0 +1,110 @@
+"""Shared benchmark utilities: timing (CUDA events, warm-up, median), ceilings, JSON records.
+
+Method (``/work/.library/device/METHOD.md`` of this workplace): time with CUDA
+events after warm-up, take the median of several repeats, draw fresh random
+inputs (rotating among several sets so the L2 cache does not serve repeats),
+and report each time against a ceiling measured in the same run.
+"""
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable, List, Optional
+
+import torch
+import torch.distributed as dist
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def init_distributed() -> tuple:
+    """(rank, world) under torchrun (NCCL, one GPU per process); (0, 1) otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local))
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def time_cuda(fn: Callable[[int], object], warmup: int = 2, repeat: int = 5, budget_s: float = 5.0) -> dict:
+    """Median milliseconds of ``fn(i)`` (i = repeat index, to rotate inputs) timed with CUDA events.
+
+    Stops repeating once ``budget_s`` seconds of timed work accumulate (at least 2 repeats).
+    Under torch.distributed the ranks synchronise before each repeat.
+    """
+    for i in range(warmup):
+        fn(i)
+    torch.cuda.synchronize()
+    times: List[float] = []
+    for i in range(repeat):
+        barrier()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(warmup + i)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+        if sum(times) / 1000 > budget_s and len(times) >= 2:
+            break
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "repeats": len(times)}
+
+
+def measure_ceilings() -> dict:
+    """Measured bf16 matmul rate (8192^3, random data) and device-to-device copy rate."""
+    n = 8192
+    a, b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16), torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    t = time_cuda(lambda i: a @ b, warmup=3, repeat=10)["median_ms"]
+    tflops = 2 * n**3 / (t / 1000) / 1e12
+    src = torch.randn(2 * 1024**3 // 4, device="cuda")  # 2 GiB
+    dst = torch.empty_like(src)
+    t = time_cuda(lambda i: dst.copy_(src), warmup=3, repeat=10)["median_ms"]
+    copy_gbs = 2 * src.numel() * 4 / (t / 1000) / 1e9  # bytes read + written
+    del a, b, src, dst
+    torch.cuda.empty_cache()
+    return {"bf16_matmul_tflops": round(tflops, 1), "copy_GBps_read_plus_write": round(copy_gbs, 1)}
+
+
+def run_info(argv: Optional[List[str]] = None) -> dict:
+    """Command, git commit, device and library versions for a results file."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = ""
+    commit = commit or os.environ.get("GIT_COMMIT", "unknown")
+    return {
+        "command": " ".join(["python"] + (argv if argv is not None else sys.argv)),
+        "git_commit": commit,
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "gpus": int(os.environ.get("WORLD_SIZE", "1")),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def write_json(path: str, payload: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1)
+    print(f"wrote {path}", file=sys.stderr)
+
+
+def is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def free_memory() -> None:
+    import gc
+
+    gc.collect()
+    torch.cuda.empty_cache()
