@@ -208,6 +208,9 @@ def main(argv=None):
     p.add_argument("--experts", type=int, default=128)
     p.add_argument("--layers", type=int, default=None, help="LM layers (24) or MT layers per side (12)")
     p.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
+    p.add_argument("--workloads", nargs="+", default=["mt-encoder", "mt-generate"], choices=["mt-encoder", "mt-generate"],
+                   help="MT workloads to run (--model mt)")
+    p.add_argument("--generate-start-tokens", type=int, default=256, help="first generated-token batch of mt-generate")
     p.add_argument("--start-tokens", type=int, default=2048)
     p.add_argument("--max-tokens", type=int, default=262144)
     p.add_argument("--budget-s", type=float, default=3.0, help="timed seconds per point at most")
@@ -229,11 +232,14 @@ def main(argv=None):
         run, count = lm_runner(model, task)
         rows += sweep(run, count, a.policies, a.start_tokens, a.max_tokens, deadline, a.budget_s, "lm-eval")
     else:
-        run, count = mt_encoder_runner(model, task)
-        rows += sweep(run, count, a.policies, a.start_tokens, a.max_tokens, deadline - 60 * a.max_minutes / 2,
-                      a.budget_s, "mt-encoder")
-        run, count = mt_generate_runner(model, task)
-        rows += sweep(run, count, a.policies, 256, a.max_tokens // 8, deadline, a.budget_s, "mt-generate")
+        if "mt-encoder" in a.workloads:
+            run, count = mt_encoder_runner(model, task)
+            half = deadline - 60 * a.max_minutes / 2 if "mt-generate" in a.workloads else deadline
+            rows += sweep(run, count, a.policies, a.start_tokens, a.max_tokens, half, a.budget_s, "mt-encoder")
+        if "mt-generate" in a.workloads:
+            run, count = mt_generate_runner(model, task)
+            rows += sweep(run, count, a.policies, a.generate_start_tokens, a.max_tokens // 8, deadline, a.budget_s,
+                          "mt-generate")
     summary = summarize(rows)
     if rank == 0:
         write_json(a.out, {"benchmark": f"end_to_end_{a.model}", "run": run_info(), "model": info,
