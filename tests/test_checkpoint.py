@@ -1,0 +1,71 @@
+"""Serving checkpoints: expert shards, tied weights, torch's weights-only allow-list."""
+
+import argparse
+import os
+import shutil
+
+import pytest
+import torch
+from fairseq import checkpoint_utils
+
+from fairseq_moe_infer.checkpoint import SHARDS_KEY, export_checkpoint
+
+from .helpers import ASSETS
+
+LM = os.path.join(ASSETS, "checkpoints", "lm_moe")
+
+
+def test_shards_merge_into_full_expert_stacks():
+    state = checkpoint_utils.load_checkpoint_to_cpu(os.path.join(LM, "checkpoint.pt"))
+    key = "decoder.layers.1.moe_layer.experts.fc1_weight"
+    parts = [torch.load(os.path.join(LM, f"checkpoint.experts-{i}-of-2.pt"), weights_only=True)["model"][key] for i in (0, 1)]
+    assert state["model"][key].shape == (16, 256, 256)
+    assert torch.equal(state["model"][key], torch.cat(parts))
+    assert SHARDS_KEY not in state
+    assert state["model"][key].dtype == torch.float16
+
+
+def test_missing_or_corrupt_shard_gives_clear_error(tmp_path):
+    for f in os.listdir(LM):
+        shutil.copy(os.path.join(LM, f), tmp_path / f)
+    (tmp_path / "checkpoint.experts-1-of-2.pt").unlink()
+    with pytest.raises(FileNotFoundError, match="keep all 2 shard files"):
+        checkpoint_utils.load_checkpoint_to_cpu(str(tmp_path / "checkpoint.pt"))
+    shard = torch.load(os.path.join(LM, "checkpoint.experts-0-of-2.pt"), weights_only=True)
+    shard["model"].pop("decoder.layers.1.moe_layer.experts.fc1_weight")
+    torch.save(shard, tmp_path / "checkpoint.experts-1-of-2.pt")
+    with pytest.raises(RuntimeError, match="shards are corrupt"):
+        checkpoint_utils.load_checkpoint_to_cpu(str(tmp_path / "checkpoint.pt"))
+
+
+def test_export_averages_dedupes_tied_weights_and_shards(tmp_path):
+    emb = torch.randn(10, 4)
+    experts = torch.arange(4 * 3 * 2, dtype=torch.float32).view(4, 3, 2)
+    for i, scale in enumerate((1.0, 3.0)):
+        torch.save({"model": {"decoder.embed_tokens.weight": emb * scale, "decoder.output_projection.weight": emb * scale,
+                              "decoder.layers.1.moe_layer.experts.fc1_weight": experts * scale},
+                    "cfg": {"model": None}, "optimizer_history": [{"num_updates": i, "best_loss": 1.0}],
+                    "last_optimizer_state": {"big": torch.zeros(100)}}, tmp_path / f"c{i}.pt")
+    written = export_checkpoint([str(tmp_path / "c0.pt"), str(tmp_path / "c1.pt")], str(tmp_path / "out.pt"), 2)
+    assert [os.path.basename(w) for w in written] == ["out.pt", "out.experts-0-of-2.pt", "out.experts-1-of-2.pt"]
+    main = torch.load(tmp_path / "out.pt", weights_only=True)
+    assert "last_optimizer_state" not in main
+    m = main["model"]
+    torch.testing.assert_close(m["decoder.embed_tokens.weight"].float(), (emb * 2).half().float())
+    assert m["decoder.embed_tokens.weight"].data_ptr() == m["decoder.output_projection.weight"].data_ptr()
+    shard1 = torch.load(tmp_path / "out.experts-1-of-2.pt", weights_only=True)["model"]
+    torch.testing.assert_close(shard1["decoder.layers.1.moe_layer.experts.fc1_weight"].float(), (experts[2:] * 2).half().float())
+    with pytest.raises(ValueError, match="3 shards do not divide the 4 experts"):
+        export_checkpoint([str(tmp_path / "c0.pt")], str(tmp_path / "bad.pt"), 3)
+
+
+class NotAllowed:
+    pass
+
+
+def test_allow_list_is_narrow(tmp_path):
+    torch.save({"args": argparse.Namespace(a=1)}, tmp_path / "ok.pt")
+    assert torch.load(tmp_path / "ok.pt", weights_only=True)["args"].a == 1
+    torch.save({"x": NotAllowed()}, tmp_path / "bad.pt")
+    with pytest.raises(Exception, match="Weights only load failed"):
+        torch.load(tmp_path / "bad.pt", weights_only=True)
