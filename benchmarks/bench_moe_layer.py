@@ -79,9 +79,6 @@ def bench_shape(E, d, f, tokens, policies, ceilings, world, budget_s, deadline):
             free_memory()
             rows.append(row)
             print(" ".join(f"{k}={v}" for k, v in row.items()), file=sys.stderr, flush=True)
-        del inputs
-    del layer
-    free_memory()
     return rows
 
 

@@ -69,8 +69,6 @@ def measure_ceilings() -> dict:
     dst = torch.empty_like(src)
     t = time_cuda(lambda i: dst.copy_(src), warmup=3, repeat=10)["median_ms"]
     copy_gbs = 2 * src.numel() * 4 / (t / 1000) / 1e9  # bytes read + written
-    del a, b, src, dst
-    torch.cuda.empty_cache()
     return {"bf16_matmul_tflops": round(tflops, 1), "copy_GBps_read_plus_write": round(copy_gbs, 1)}
 
 

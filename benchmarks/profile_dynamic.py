@@ -72,7 +72,8 @@ def main(argv=None):
     for r in layouts:
         print(r)
     for t in tables:
-        print(f"E={t['E']} T={t['tokens']}: gpu kernels {t['gpu_kernel_ms_per_forward']:.3f} ms, cpu {t['cpu_ms_per_forward']:.3f} ms")
+        print(f"E={t['E']} T={t['tokens']}: gpu kernels {t['gpu_kernel_ms_per_forward']:.3f} ms, "
+              f"cpu {t['cpu_ms_per_forward']:.3f} ms")
         for k in t["kernels"][:10]:
             print(f"  {k['cuda_ms_per_forward']:8.3f} ms  x{k['calls_per_forward']:.0f}  {k['kernel'][:90]}")
 

@@ -136,7 +136,8 @@ def evaluate_lm(a, out_dir: str) -> dict:
         m, n = _PPL.search(text), _EVALUATED.search(text)
         if not m:
             raise RuntimeError(f"no perplexity in the eval-lm output of {name}")
-        r = {"perplexity": float(m.group(2)), "loss_base2": float(m.group(1)), "tokens": int(n.group(1).replace(",", "")) if n else None}
+        tokens = int(n.group(1).replace(",", "")) if n else None
+        r = {"perplexity": float(m.group(2)), "loss_base2": float(m.group(1)), "tokens": tokens}
         r.update(moe_brief(stats))
         r["seconds"] = round(time.time() - t0, 1)
         results[name] = r
