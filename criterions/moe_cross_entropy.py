@@ -20,12 +20,3 @@ class MoECrossEntropyCriterion(MoELossMixin, CrossEntropyCriterion):
     def __init__(self, task, sentence_avg, moe_gate_loss_wt=0.01, moe_gate_loss_combine_method="average"):
         super().__init__(task, sentence_avg)
         self._init_moe_loss(moe_gate_loss_wt, moe_gate_loss_combine_method)
-
-    def forward(self, model, sample, reduce=True):
-        loss, sample_size, logging_output = super().forward(model, sample, reduce)
-        return self.add_moe_loss(model, loss, sample_size, logging_output), sample_size, logging_output
-
-    @classmethod
-    def reduce_metrics(cls, logging_outputs) -> None:
-        super().reduce_metrics(logging_outputs)
-        cls.reduce_moe_metrics(logging_outputs)

@@ -32,12 +32,3 @@ class MoELabelSmoothedCrossEntropyCriterion(MoELossMixin, LabelSmoothedCrossEntr
     ):
         super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy)
         self._init_moe_loss(moe_gate_loss_wt, moe_gate_loss_combine_method)
-
-    def forward(self, model, sample, reduce=True):
-        loss, sample_size, logging_output = super().forward(model, sample, reduce)
-        return self.add_moe_loss(model, loss, sample_size, logging_output), sample_size, logging_output
-
-    @classmethod
-    def reduce_metrics(cls, logging_outputs) -> None:
-        super().reduce_metrics(logging_outputs)
-        cls.reduce_moe_metrics(logging_outputs)

@@ -32,7 +32,20 @@ class MoELossConfig(FairseqDataclass):
 
 
 class MoELossMixin:
-    """Adds the weighted balancing loss of every :class:`MoELayer` after the inner loss."""
+    """Adds the weighted balancing loss of every :class:`MoELayer` after the inner loss.
+
+    Put it before a fairseq criterion in the bases; it wraps that criterion's
+    ``forward`` and ``reduce_metrics``.
+    """
+
+    def forward(self, model, sample, reduce=True):
+        loss, sample_size, logging_output = super().forward(model, sample, reduce)
+        return self.add_moe_loss(model, loss, sample_size, logging_output), sample_size, logging_output
+
+    @classmethod
+    def reduce_metrics(cls, logging_outputs) -> None:
+        super().reduce_metrics(logging_outputs)
+        cls.reduce_moe_metrics(logging_outputs)
 
     def _init_moe_loss(self, moe_gate_loss_wt: float, moe_gate_loss_combine_method: str) -> None:
         if moe_gate_loss_combine_method not in COMBINE_METHODS:

@@ -170,6 +170,23 @@ def test_split_name(index):
     return f"test{index or ''}"
 
 
+def binarize(prog, args, workdir, test_prefixes, mode_options):
+    """Run fairseq-preprocess on the encoded train/valid/test text in ``workdir``.
+
+    ``mode_options`` selects monolingual (``--only-source``) or translation data;
+    ``args.dict`` (optional) reuses an existing dictionary.
+    """
+    options = [
+        *mode_options,
+        "--trainpref", workdir / "train", "--validpref", workdir / "valid",
+        "--testpref", ",".join(str(prefix) for prefix in test_prefixes),
+        "--destdir", args.out, "--workers", args.workers,
+    ]
+    if args.dict is not None:
+        options += ["--srcdict", args.dict]
+    run_preprocess(prog, options)
+
+
 def run_preprocess(prog, options):
     """Run ``fairseq_cli.preprocess`` with ``options`` in the current interpreter."""
     command = [sys.executable, "-m", "fairseq_cli.preprocess", *map(str, options)]

@@ -71,19 +71,6 @@ def corpora(args):
     return train, valid, tests
 
 
-def binarize(args, workdir, test_prefixes):
-    """Run fairseq-preprocess --only-source on the encoded text in ``workdir``."""
-    options = [
-        "--only-source",
-        "--trainpref", workdir / "train", "--validpref", workdir / "valid",
-        "--testpref", ",".join(str(prefix) for prefix in test_prefixes),
-        "--destdir", args.out, "--workers", args.workers,
-    ]
-    if args.dict is not None:
-        options += ["--srcdict", args.dict]
-    dc.run_preprocess(PROG, options)
-
-
 def main():
     """Prepare the language-modelling data-bin."""
     args = parse_args()
@@ -100,7 +87,7 @@ def main():
         for name, lines in texts.items():
             dc.write_lines(workdir / name, dc.encode(processor, lines))
             dc.log(PROG, f"{name}: {len(lines)} encoded lines")
-        binarize(args, workdir, [workdir / f"test_{name}" for name in TEST_NAMES])
+        dc.binarize(PROG, args, workdir, [workdir / f"test_{name}" for name in TEST_NAMES], ["--only-source"])
     dc.write_json(args.out / dc.OUTPUT_MARKER, {"splits": splits})
     dc.log(PROG, f"done: {args.out}")
 

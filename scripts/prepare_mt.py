@@ -100,19 +100,6 @@ def write_tests(args, processor, workdir):
     return splits, prefixes, counts
 
 
-def binarize(args, workdir, test_prefixes):
-    """Run fairseq-preprocess on the encoded text in ``workdir``."""
-    options = [
-        "--source-lang", "src", "--target-lang", "tgt", "--joined-dictionary",
-        "--trainpref", workdir / "train", "--validpref", workdir / "valid",
-        "--testpref", ",".join(str(prefix) for prefix in test_prefixes),
-        "--destdir", args.out, "--workers", args.workers,
-    ]
-    if args.dict is not None:
-        options += ["--srcdict", args.dict]
-    dc.run_preprocess(PROG, options)
-
-
 def main():
     """Prepare the translation data-bin."""
     args = parse_args()
@@ -129,7 +116,8 @@ def main():
         counts.update(test_counts)
         for split, count in counts.items():
             dc.log(PROG, f"{split}: {count} encoded lines")
-        binarize(args, workdir, test_prefixes)
+        dc.binarize(PROG, args, workdir, test_prefixes,
+                    ["--source-lang", "src", "--target-lang", "tgt", "--joined-dictionary"])
     dc.write_json(args.out / dc.OUTPUT_MARKER,
                   {"splits": splits, **copy_raw_test(args, args.max_test_lines)})
     dc.log(PROG, f"done: {args.out}")
