@@ -91,7 +91,9 @@ def test_mt_train_generate_interactive(mt_checkpoint, tmp_path):
                                   "--max-tokens", "2048", "--post-process", "sentencepiece", "--moe-gating", gating,
                                   "--moe-eval-capacity-token-fraction", "1.0"]))
         hyps[gating] = sorted(line.split("\t") for line in out.splitlines() if line.startswith("D-"))
-    assert len(hyps["dynamic"]) >= 45  # of 50 (fairseq-generate prints no line for a few of this tiny model's)
+    # of 50: fairseq-generate's batch iterator never hands one or two of the longest sentences to the model
+    # with this tiny training config (seen with --batch-size 1: id 7 never reaches task.inference_step)
+    assert len(hyps["dynamic"]) >= 45
     # same translations; scores equal up to float32 summation order (one-hot matmuls vs grouped GEMM)
     assert [(h[0], h[2]) for h in hyps["dynamic"]] == [(h[0], h[2]) for h in hyps["static"]]
     for d, s in zip(hyps["dynamic"], hyps["static"]):
