@@ -18,7 +18,9 @@ tools' ``--path checkpoint.pt`` loads the shards too.
 
 import argparse
 import collections
+import glob
 import os
+import re
 from typing import Dict, List
 
 import torch
@@ -124,11 +126,20 @@ def export_checkpoint(paths: List[str], out_path: str, num_shards: int = 1, dtyp
         # tied weights (shared embeddings) were saved as equal copies: store them once
         twin = next((v for v in model.values() if v.shape == t.shape and v.dtype == t.dtype and torch.equal(v, t)), None)
         model[key] = t if twin is None else twin
-    keep = ("args", "cfg")
-    out = {k: states[-1][k] for k in keep if k in states[-1]}
-    out["model"] = {k: v for k, v in model.items() if not (num_shards and _is_expert_key(k))}
+    out = {k: states[-1][k] for k in ("args", "cfg") if k in states[-1]}
     out["extra_state"] = {"averaged_from": [os.path.basename(p) for p in paths]}
     out["optimizer_history"] = states[-1].get("optimizer_history", [])[-1:]  # names, scheduler state, best loss
+    return save_serving_checkpoint(out, model, out_path, num_shards)
+
+
+def save_serving_checkpoint(meta: Dict, model: Dict[str, torch.Tensor], out_path: str, num_shards: int) -> List[str]:
+    """Write ``meta`` + ``model`` to ``out_path``, the experts into ``num_shards`` files beside it.
+
+    Raises:
+        ValueError: the shard count does not divide an expert stack.
+    """
+    out = dict(meta)
+    out["model"] = {k: v for k, v in model.items() if not (num_shards and _is_expert_key(k))}
     written = [out_path]
     if num_shards:
         stem = os.path.splitext(os.path.basename(out_path))[0]
@@ -148,3 +159,85 @@ def export_checkpoint(paths: List[str], out_path: str, num_shards: int = 1, dtyp
             written.append(path)
     torch.save(out, out_path)
     return written
+
+
+_BRANCH_EXPERT = re.compile(r"^(.*\.moe_layer\.experts\.)(\d+)\.(fc1|fc2)\.(weight|bias)$")
+_ARCH_MAP = {"transformer_lm": "transformer_lm_moe", "transformer": "transformer_moe"}
+_TASK_MAP = {"language_modeling": "moe_language_modeling", "translation": "moe_translation"}
+
+
+def convert_fairseq_moe_branch(shared_path: str, out_path: str, num_shards: int = 0) -> List[str]:
+    """Convert a checkpoint of fairseq's MoE branch to this plugin's serving layout.
+
+    fairseq's MoE branch saves ``<name>-shared.pt`` (everything but the experts,
+    with the config) and one ``<name>-rank-<r>.pt`` per expert-parallel rank whose
+    local experts are ``...moe_layer.experts.<i>.fc1.weight`` etc. Rank r's
+    expert i is global expert ``r * E_local + i``. The result holds the same
+    weights as stacked ``...moe_layer.experts.fc1_weight`` [E, f, d] tensors and a
+    config naming ``transformer_lm_moe`` / ``transformer_moe`` (and the ``moe_*``
+    tasks), so the stock tools load it with ``--user-dir`` and ``--path``.
+
+    Args:
+        shared_path: the ``-shared.pt`` file; the rank files are found beside it.
+        out_path: main output file; ``num_shards`` expert shard files go beside it.
+
+    Raises:
+        FileNotFoundError: no rank files; ValueError: an architecture or MoE
+        setting this plugin cannot express (e.g. different encoder/decoder MoE frequency).
+    """
+    if not shared_path.endswith("-shared.pt"):
+        raise ValueError(f"{shared_path}: expected the MoE branch's '<name>-shared.pt' file")
+    prefix = shared_path[: -len("-shared.pt")]
+    ranks = sorted(glob.glob(f"{glob.escape(prefix)}-rank-*.pt"), key=lambda p: int(p.rsplit("-", 1)[1][:-3]))
+    if not ranks:
+        raise FileNotFoundError(f"no {prefix}-rank-<r>.pt files beside {shared_path}; keep every rank's expert file")
+    with open(shared_path, "rb") as f:
+        shared = torch.load(f, map_location="cpu")
+    model = dict(shared["model"])
+    experts: Dict[str, Dict[int, torch.Tensor]] = collections.defaultdict(dict)
+    for rank_path in ranks:
+        with open(rank_path, "rb") as f:
+            rank_state = torch.load(f, map_location="cpu")["model"]
+        local = {m.group(2) for m in map(_BRANCH_EXPERT.match, rank_state) if m}
+        r = int(rank_path.rsplit("-", 1)[1][:-3])
+        for key, t in rank_state.items():
+            m = _BRANCH_EXPERT.match(key)
+            if m is None:
+                model.setdefault(key, t)
+                continue
+            stacked = f"{m.group(1)}{m.group(3)}_{m.group(4)}"
+            experts[stacked][r * len(local) + int(m.group(2))] = t
+    for key, per_expert in experts.items():
+        order = sorted(per_expert)
+        if order != list(range(len(order))):
+            raise ValueError(f"{key}: the rank files give experts {order}, not 0..{len(order) - 1}; a rank file is missing")
+        model[key] = torch.stack([per_expert[i] for i in order])
+    meta = {k: shared[k] for k in ("args", "cfg") if k in shared}
+    _rename_config(meta, len(next(iter(experts.values()))) if experts else 0)
+    meta["extra_state"] = {"converted_from": os.path.basename(shared_path)}
+    meta["optimizer_history"] = shared.get("optimizer_history", [])[-1:]  # fairseq's loader reads its last entry
+    return save_serving_checkpoint(meta, model, out_path, num_shards)
+
+
+def _rename_config(meta: Dict, num_experts: int) -> None:
+    cfg = meta.get("cfg") or {}
+    for section, mapping in (("model", _ARCH_MAP), ("task", _TASK_MAP)):
+        c = cfg.get(section) if isinstance(cfg, dict) else None
+        if c is None:
+            continue
+        get = (lambda k: getattr(c, k, None)) if isinstance(c, argparse.Namespace) else c.get
+        put = (lambda k, v: setattr(c, k, v)) if isinstance(c, argparse.Namespace) else c.__setitem__
+        name = get("_name") or ""
+        base = next((b for b in sorted(mapping, key=len, reverse=True) if name.startswith(b)), None)
+        if base is None:
+            raise ValueError(f"cfg.{section}._name '{name}' is not one of {', '.join(mapping)}; cannot convert")
+        put("_name", mapping[base])
+        if section == "model":
+            put("arch", mapping[base])
+            enc, dec = get("encoder_moe_freq"), get("decoder_moe_freq")
+            if enc and dec and enc != dec:
+                raise ValueError(f"encoder_moe_freq={enc} != decoder_moe_freq={dec}: this plugin has one --moe-freq")
+            put("moe_freq", get("moe_freq") or enc or dec or 0)
+            if num_experts and get("moe_expert_count") not in (None, num_experts):
+                raise ValueError(f"cfg says moe_expert_count={get('moe_expert_count')} but the rank files hold {num_experts}")
+            put("moe_expert_count", num_experts or get("moe_expert_count"))

@@ -69,3 +69,58 @@ def test_allow_list_is_narrow(tmp_path):
     torch.save({"x": NotAllowed()}, tmp_path / "bad.pt")
     with pytest.raises(Exception, match="Weights only load failed"):
         torch.load(tmp_path / "bad.pt", weights_only=True)
+
+
+def _branch_layout(tmp_path, ranks=2):
+    """The bundled LM written the way fairseq's MoE branch saves: -shared.pt + -rank-<r>.pt, one module per expert."""
+    main = torch.load(os.path.join(LM, "checkpoint.pt"), weights_only=True)
+    shards = [torch.load(os.path.join(LM, f"checkpoint.experts-{i}-of-2.pt"), weights_only=True)["model"] for i in (0, 1)]
+    stacks = {k: torch.cat([s[k] for s in shards]) for k in shards[0]}
+    cfg = main["cfg"]
+    cfg["model"].update(_name="transformer_lm", arch="transformer_lm_gpt")
+    cfg["task"]["_name"] = "language_modeling"
+    torch.save({"model": main["model"], "cfg": cfg, "optimizer_history": main["optimizer_history"]},
+               tmp_path / "model-shared.pt")
+    for r in range(ranks):
+        rank_state = {}
+        for key, stack in stacks.items():
+            prefix, name = key.rsplit(".", 1)  # ...moe_layer.experts, fc1_weight
+            fc, kind = name.split("_")
+            for i, t in enumerate(stack.chunk(ranks)[r]):
+                rank_state[f"{prefix}.{i}.{fc}.{kind}"] = t.clone()
+        torch.save({"model": rank_state}, tmp_path / f"model-rank-{r}.pt")
+    return stacks
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_convert_fairseq_moe_branch_checkpoint(tmp_path, ranks):
+    from fairseq_moe_infer.checkpoint import convert_fairseq_moe_branch
+
+    stacks = _branch_layout(tmp_path, ranks)
+    (tmp_path / "out").mkdir()
+    convert_fairseq_moe_branch(str(tmp_path / "model-shared.pt"), str(tmp_path / "out" / "checkpoint.pt"), 2)
+    state = checkpoint_utils.load_checkpoint_to_cpu(str(tmp_path / "out" / "checkpoint.pt"))
+    for key, stack in stacks.items():
+        assert torch.equal(state["model"][key], stack), key  # experts renumbered rank-major, stacked
+    assert state["cfg"]["model"]["_name"] == "transformer_lm_moe" and state["cfg"]["task"]["_name"] == "moe_language_modeling"
+    assert state["cfg"]["model"]["moe_expert_count"] == 16
+    models, _ = checkpoint_utils.load_model_ensemble([str(tmp_path / "out" / "checkpoint.pt")])
+    ref, _ = checkpoint_utils.load_model_ensemble([os.path.join(LM, "checkpoint.pt")])
+    tokens = torch.randint(4, 8000, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = models[0].float().eval()(tokens)[0]
+        expected = ref[0].float().eval()(tokens)[0]
+    torch.testing.assert_close(out, expected)
+
+
+def test_convert_refuses_missing_rank_files(tmp_path):
+    from fairseq_moe_infer.checkpoint import convert_fairseq_moe_branch
+
+    _branch_layout(tmp_path, 2)
+    (tmp_path / "model-rank-0.pt").unlink()
+    with pytest.raises(ValueError, match="a rank file is missing"):
+        convert_fairseq_moe_branch(str(tmp_path / "model-shared.pt"), str(tmp_path / "c.pt"))
+    for f in tmp_path.glob("model-rank-*.pt"):
+        f.unlink()
+    with pytest.raises(FileNotFoundError, match="keep every rank's expert file"):
+        convert_fairseq_moe_branch(str(tmp_path / "model-shared.pt"), str(tmp_path / "c.pt"))

@@ -1,0 +1,35 @@
+#!/usr/bin/env python3
+"""Convert a checkpoint of fairseq's MoE branch (``<name>-shared.pt`` + ``<name>-rank-<r>.pt``)
+into this plugin's layout, loadable by the stock tools with ``--user-dir`` and ``--path``.
+
+Example:
+    python scripts/convert_fairseq_moe_checkpoint.py moe_lm/model-shared.pt --out serve/checkpoint.pt --expert-shards 4
+    fairseq-eval-lm data-bin --user-dir $(python -m fairseq_moe_infer) --task moe_language_modeling \\
+        --path serve/checkpoint.pt --moe-gating dynamic
+"""
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from fairseq_moe_infer.checkpoint import convert_fairseq_moe_branch  # noqa: E402
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("shared", help="the MoE branch's <name>-shared.pt (rank files must be beside it)")
+    p.add_argument("--out", required=True, help="path of the converted main file")
+    p.add_argument("--expert-shards", type=int, default=0, help="expert shard files to write (0: experts in the main file)")
+    a = p.parse_args(argv)
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    try:
+        written = convert_fairseq_moe_branch(a.shared, a.out, a.expert_shards)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+    print(json.dumps({"files": {os.path.basename(w): os.path.getsize(w) for w in written}}))
+
+
+if __name__ == "__main__":
+    main()
