@@ -85,6 +85,13 @@ def moe_brief(stats_path: str) -> dict:
     }
 
 
+def moe_line(r: dict) -> str:
+    """'MoE <tokens/s> tokens/s, <dropped>/<routed> dropped' (or 'no MoE layer')."""
+    if "moe_routed" not in r:
+        return "no MoE layer"
+    return f"MoE {r['moe_tokens_per_s']} tokens/s, {r['moe_dropped']}/{r['moe_routed']} choices dropped"
+
+
 def load_splits(data: str) -> dict:
     path = os.path.join(data, "splits.json")
     if not os.path.exists(path):
@@ -115,7 +122,8 @@ def evaluate_mt(a, out_dir: str) -> dict:
         r.update(moe_brief(stats))
         r["seconds"] = round(time.time() - t0, 1)
         results[f"en-{lang}"] = r
-        log(f"  en->{lang}: BLEU {r['bleu']:.2f} on {r['sentences']} sentences ({r['signature']}), {r['seconds']}s")
+        log(f"  en->{lang}: BLEU {r['bleu']:.2f} on {r['sentences']} sentences ({r['signature']}), {moe_line(r)}, "
+            f"{r['seconds']}s")
     return results
 
 
@@ -141,7 +149,7 @@ def evaluate_lm(a, out_dir: str) -> dict:
         r.update(moe_brief(stats))
         r["seconds"] = round(time.time() - t0, 1)
         results[name] = r
-        log(f"  {name}: perplexity {r['perplexity']:.2f} over {r['tokens']} tokens, {r['seconds']}s")
+        log(f"  {name}: perplexity {r['perplexity']:.2f} over {r['tokens']} tokens, {moe_line(r)}, {r['seconds']}s")
     return results
 
 
