@@ -28,6 +28,7 @@ setup(
         # With your own fairseq checkout, install with `pip install --no-deps -e .` instead.
         "ve-fairseq==0.12.3; python_version >= '3.11'",
         "fairseq==0.12.2; python_version < '3.11'",
+        "numpy<1.24; python_version < '3.11'",  # fairseq 0.12.2 uses np.float (untested here)
         "torch>=2.1",
         "sentencepiece>=0.1.99",
         "sacrebleu>=2.0",

@@ -19,7 +19,8 @@ Results go to ``--out-dir``; the last line printed is one JSON object.
 
 Example:
     python scripts/evaluate.py                      # bundled default, CPU or GPU
-    python scripts/evaluate.py --moe-gating static --moe-eval-capacity-token-fraction 0.25
+    python scripts/evaluate.py --moe-gating static --moe-eval-capacity-token-fraction 1.0   # static, nothing dropped
+    python scripts/evaluate.py --moe-gating static   # fairseq's default eval capacity 0.25: drops tokens
 """
 
 import argparse
@@ -38,6 +39,10 @@ from bleu import read_hypotheses, score  # noqa: E402
 USER_DIR = os.path.join(REPO, "fairseq_moe_infer")
 _PPL = re.compile(r"Loss \(base 2\): ([0-9.]+), Perplexity: ([0-9.]+)")
 _EVALUATED = re.compile(r"Evaluated ([0-9,]+) tokens in ([0-9.]+)s")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keep the description's layout and show defaults."""
 
 
 def log(msg: str) -> None:
@@ -154,7 +159,7 @@ def evaluate_lm(a, out_dir: str) -> dict:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     asset = os.path.join(REPO, "assets")
     p.add_argument("--mt-checkpoint", default=os.path.join(asset, "checkpoints", "mt_moe", "checkpoint.pt"),
                    help="translation checkpoint (default: the bundled MoE model)")
@@ -166,7 +171,7 @@ def main(argv=None):
     p.add_argument("--lm-sets", nargs="+", default=None, help="LM evaluation sets (default: all in splits.json)")
     p.add_argument("--skip-mt", action="store_true", help="do not evaluate translation")
     p.add_argument("--skip-lm", action="store_true", help="do not evaluate the language model")
-    p.add_argument("--moe-gating", default="dynamic", help="static | dynamic (passed to the fairseq tools)")
+    p.add_argument("--moe-gating", default="dynamic", choices=["static", "dynamic"], help="passed to the fairseq tools")
     p.add_argument("--moe-eval-capacity-token-fraction", type=float, default=None,
                    help="static gating's eval capacity fraction (default: the task's, 0.25)")
     p.add_argument("--beam", type=int, default=5, help="beam size for translation")
@@ -181,12 +186,17 @@ def main(argv=None):
         skip = a.skip_mt if flag.startswith("--mt") else a.skip_lm
         if not skip and not os.path.exists(path):
             raise SystemExit(f"error: {flag} {path} does not exist")
+    if a.moe_eval_capacity_token_fraction is not None and a.moe_eval_capacity_token_fraction < 0:
+        p.error("--moe-eval-capacity-token-fraction must be >= 0")
     t0 = time.time()
     out = {"moe_gating": a.moe_gating}
-    if not a.skip_mt:
-        out["translation"] = evaluate_mt(a, a.out_dir)
-    if not a.skip_lm:
-        out["language_model"] = evaluate_lm(a, a.out_dir)
+    try:
+        if not a.skip_mt:
+            out["translation"] = evaluate_mt(a, a.out_dir)
+        if not a.skip_lm:
+            out["language_model"] = evaluate_lm(a, a.out_dir)
+    except RuntimeError as e:  # a fairseq tool failed: its last lines are in the message
+        raise SystemExit(f"error: {e}") from None
     out["seconds"] = round(time.time() - t0, 1)
     log("summary:")
     for pair, r in out.get("translation", {}).items():

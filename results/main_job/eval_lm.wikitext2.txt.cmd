@@ -1,1 +1,0 @@
-/work/venv/bin/python -m fairseq_cli.eval_lm /work/main/assets/lm --user-dir /work/main/fairseq_moe_infer --task moe_language_modeling --path /work/main/assets/checkpoints/lm_moe/checkpoint.pt --gen-subset test --tokens-per-sample 256 --max-tokens 8192 --moe-gating dynamic --moe-stats-json /work/main/results/main_job/moe.lm.wikitext2.json
