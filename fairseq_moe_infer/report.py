@@ -11,8 +11,8 @@ forwards only and gives:
 * ``dropped`` / ``routed``: top-k choices dropped for capacity / all valid choices;
 * per layer: tokens, routed, dropped and tokens per expert.
 
-It is logged and printed as one JSON line prefixed ``moe_summary``, and written
-to ``--moe-stats-json`` when given.
+It is logged (one readable line per layer, then the whole summary as one JSON
+line prefixed ``moe_summary``) and written to ``--moe-stats-json`` when given.
 """
 
 import atexit
@@ -83,7 +83,7 @@ class MoERunReport:
         }
 
     def finish(self) -> Optional[dict]:
-        """Log and print the summary once, if any evaluation forward happened."""
+        """Log the summary once, if any evaluation forward happened."""
         if self._done or self.t_first is None:
             return None
         self._done = True
@@ -98,7 +98,7 @@ class MoERunReport:
         if self.json_path:
             with open(self.json_path, "w") as f:
                 json.dump(s, f, indent=1)
-        print("moe_summary " + json.dumps(s), flush=True)
+        logger.info("moe_summary %s", json.dumps(s))
         return s
 
     def register_atexit(self) -> "MoERunReport":
