@@ -26,6 +26,8 @@ from typing import Dict, List
 import torch
 from fairseq import checkpoint_utils
 
+from .moe.experts import stack_per_expert_keys
+
 SHARDS_KEY = "moe_expert_shards"
 
 
@@ -194,26 +196,28 @@ def convert_fairseq_moe_branch(shared_path: str, out_path: str, num_shards: int 
     with open(shared_path, "rb") as f:
         shared = torch.load(f, map_location="cpu")
     model = dict(shared["model"])
-    experts: Dict[str, Dict[int, torch.Tensor]] = collections.defaultdict(dict)
+    prefixes = set()
     for rank_path in ranks:
         with open(rank_path, "rb") as f:
             rank_state = torch.load(f, map_location="cpu")["model"]
-        local = {m.group(2) for m in map(_BRANCH_EXPERT.match, rank_state) if m}
+        matches = {key: _BRANCH_EXPERT.match(key) for key in rank_state}
+        local = len({m.group(2) for m in matches.values() if m})
         r = int(rank_path.rsplit("-", 1)[1][:-3])
         for key, t in rank_state.items():
-            m = _BRANCH_EXPERT.match(key)
+            m = matches[key]
             if m is None:
                 model.setdefault(key, t)
                 continue
-            stacked = f"{m.group(1)}{m.group(3)}_{m.group(4)}"
-            experts[stacked][r * len(local) + int(m.group(2))] = t
-    for key, per_expert in experts.items():
-        order = sorted(per_expert)
-        if order != list(range(len(order))):
-            raise ValueError(f"{key}: the rank files give experts {order}, not 0..{len(order) - 1}; a rank file is missing")
-        model[key] = torch.stack([per_expert[i] for i in order])
+            prefixes.add(m.group(1))  # renumber rank-local expert i to global r * E_local + i
+            model[f"{m.group(1)}{r * local + int(m.group(2))}.{m.group(3)}.{m.group(4)}"] = t
+    for prefix in prefixes:
+        try:
+            stack_per_expert_keys(model, prefix)
+        except RuntimeError as e:
+            raise ValueError(f"{e}; a rank file is missing") from None
+    num_experts = model[f"{next(iter(prefixes))}fc1_weight"].shape[0] if prefixes else 0
     meta = {k: shared[k] for k in ("args", "cfg") if k in shared}
-    _rename_config(meta, len(next(iter(experts.values()))) if experts else 0)
+    _rename_config(meta, num_experts)
     meta["extra_state"] = {"converted_from": os.path.basename(shared_path)}
     meta["optimizer_history"] = shared.get("optimizer_history", [])[-1:]  # fairseq's loader reads its last entry
     return save_serving_checkpoint(meta, model, out_path, num_shards)

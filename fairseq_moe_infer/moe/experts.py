@@ -135,7 +135,7 @@ class Experts(nn.Module):
 
     # ---- checkpoint compatibility -------------------------------------------------
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
-        self._stack_fairseq_experts(state_dict, prefix)
+        stack_per_expert_keys(state_dict, prefix)
         for name in _PARAMS:
             key = prefix + name
             if key not in state_dict:
@@ -153,16 +153,21 @@ class Experts(nn.Module):
                 )
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
 
-    @staticmethod
-    def _stack_fairseq_experts(state_dict, prefix) -> None:
-        """Rewrite ``{prefix}{i}.fc1.weight`` (fairseq MoE, one module per expert) to stacks."""
-        found = {}
-        for key in [k for k in state_dict if k.startswith(prefix)]:
-            m = _FAIRSEQ_KEY.match(key[len(prefix) :])
-            if m:
-                found.setdefault(f"{m.group(2)}_{m.group(3)}", {})[int(m.group(1))] = state_dict.pop(key)
-        for name, per_expert in found.items():
-            order: List[int] = sorted(per_expert)
-            if order != list(range(len(order))):
-                raise RuntimeError(f"{prefix}: expert indices {order} are not 0..{len(order) - 1}")
-            state_dict[prefix + name] = torch.stack([per_expert[i] for i in order])
+
+def stack_per_expert_keys(state_dict, prefix: str) -> None:
+    """Rewrite ``{prefix}{i}.fc1.weight`` etc. (fairseq MoE: one FFN module per expert) into
+    stacked ``{prefix}fc1_weight`` [E, f, d] tensors, in place.
+
+    Raises:
+        RuntimeError: the expert indices under ``prefix`` are not 0..E-1.
+    """
+    found = {}
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        m = _FAIRSEQ_KEY.match(key[len(prefix) :])
+        if m:
+            found.setdefault(f"{m.group(2)}_{m.group(3)}", {})[int(m.group(1))] = state_dict.pop(key)
+    for name, per_expert in found.items():
+        order: List[int] = sorted(per_expert)
+        if order != list(range(len(order))):
+            raise RuntimeError(f"{prefix}: expert indices {order} are not 0..{len(order) - 1}")
+        state_dict[prefix + name] = torch.stack([per_expert[i] for i in order])
