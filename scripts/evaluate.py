@@ -69,6 +69,8 @@ def run_tool(module: str, args, stdout_path: str) -> str:
 
 
 def moe_flags(a, stats_path: str):
+    if os.path.exists(stats_path):  # a dense model writes none: never report an earlier run's
+        os.remove(stats_path)
     flags = ["--moe-gating", a.moe_gating, "--moe-stats-json", stats_path]
     if a.moe_eval_capacity_token_fraction is not None:
         flags += ["--moe-eval-capacity-token-fraction", a.moe_eval_capacity_token_fraction]
@@ -123,7 +125,7 @@ def evaluate_mt(a, out_dir: str) -> dict:
         with open(os.path.join(a.mt_data, splits["references"][lang]), encoding="utf-8") as f:
             refs = [line.rstrip("\n") for line in f]
         hyps = read_hypotheses(gen)
-        r = score(hyps, refs[: len(hyps)])
+        r = score(hyps, refs)  # raises if generation lost sentences
         r.update(moe_brief(stats))
         r["seconds"] = round(time.time() - t0, 1)
         results[f"en-{lang}"] = r
