@@ -38,9 +38,9 @@ COMMON = [
 ]
 MT = ["--task", "moe_translation", "--arch", "transformer_moe_small", "--source-lang", "src", "--target-lang", "tgt",
       "--criterion", "moe_label_smoothed_cross_entropy", "--label-smoothing", "0.1", "--weight-decay", "0.0001",
-      "--max-tokens", "12288"]
+      ]
 LM = ["--task", "moe_language_modeling", "--arch", "transformer_lm_moe_small", "--criterion", "moe_cross_entropy",
-      "--tokens-per-sample", "256", "--sample-break-mode", "none", "--weight-decay", "0.01", "--max-tokens", "16384"]
+      "--tokens-per-sample", "256", "--sample-break-mode", "none", "--weight-decay", "0.01"]
 RECIPES = {
     "mt_moe": ("mt", MT),
     "mt_dense": ("mt", MT + ["--moe-freq", "0"]),
@@ -61,11 +61,13 @@ def device_name() -> str:
 def command(name: str, a) -> list:
     kind, flags = RECIPES[name]
     updates = a.mt_updates if kind == "mt" else a.lm_updates
+    tokens = a.mt_max_tokens if kind == "mt" else a.lm_max_tokens
     common = [f for f in COMMON if f != "--fp16"] + ["--cpu"] if a.cpu else COMMON
+    gating = ["--moe-gating", a.moe_gating] if name.endswith("_moe") else []
     return [
         sys.executable, "-m", "fairseq_cli.train", os.path.join(a.data_bin, kind), "--user-dir", USER_DIR,
-        *flags, *common, "--max-update", str(updates), "--stop-time-hours", f"{a.stop_minutes / 60:.4f}",
-        "--save-dir", os.path.join(a.save_root, name),
+        *flags, "--max-tokens", str(tokens), *gating, *common, "--max-update", str(updates),
+        "--stop-time-hours", f"{a.stop_minutes / 60:.4f}", "--save-dir", os.path.join(a.save_root, name),
     ]
 
 
@@ -76,6 +78,12 @@ def main(argv=None):
     p.add_argument("--save-root", default=os.path.join(REPO, "checkpoints"), help="checkpoint folders go here")
     p.add_argument("--mt-updates", type=int, default=2600, help="--max-update of the translation runs")
     p.add_argument("--lm-updates", type=int, default=2600, help="--max-update of the LM runs")
+    p.add_argument("--mt-max-tokens", type=int, default=12288, help="--max-tokens of the translation runs")
+    p.add_argument("--lm-max-tokens", type=int, default=16384, help="--max-tokens of the LM runs")
+    p.add_argument("--moe-gating", default="static", choices=["static", "dynamic"],
+                   help="gating of the MoE runs during training (dynamic drops nothing and is faster)")
+    p.add_argument("--gpus", type=int, default=1,
+                   help="spread the runs round-robin over this many GPUs (CUDA_VISIBLE_DEVICES per run)")
     p.add_argument("--stop-minutes", type=float, default=60.0, help="wall-clock limit of each run")
     p.add_argument("--export-dir", default=None, help="write averaged fp16 serving checkpoints here")
     p.add_argument("--average", type=int, default=4, help="interval checkpoints to average on export")
@@ -85,12 +93,15 @@ def main(argv=None):
     a = p.parse_args(argv)
 
     procs = {}
-    for name in a.models:
+    for i, name in enumerate(a.models):
         os.makedirs(os.path.join(a.save_root, name), exist_ok=True)
         cmd = command(name, a)
+        env = dict(os.environ)
+        if a.gpus > 1:
+            env["CUDA_VISIBLE_DEVICES"] = str(i % a.gpus)
         log = open(os.path.join(a.save_root, name, "train.log"), "w")
-        procs[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), cmd, time.time())
-        print(f"[train] started {name}", file=sys.stderr, flush=True)
+        procs[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), cmd, time.time())
+        print(f"[train] started {name} (GPU {i % a.gpus})", file=sys.stderr, flush=True)
     cards, evals = {}, {}
     while len(cards) < len(procs):
         for name, (proc, cmd, t0) in procs.items():
