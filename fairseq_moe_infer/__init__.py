@@ -23,6 +23,10 @@ from . import checkpoint  # noqa: E402
 checkpoint.allow_fairseq_checkpoint_globals()
 checkpoint.install_shard_loader()
 
+from . import training  # noqa: E402
+
+training.install_checkpoint_save_hook()
+
 from . import criterions, models, tasks  # noqa: E402,F401 (fairseq registrations)
 
 

@@ -5,7 +5,8 @@ from dataclasses import dataclass
 from fairseq.tasks import register_task
 from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageModelingTask
 
-from ..inference import MoEInferenceConfig, configure_moe, validate_inference_options
+from ..inference import MoEInferenceConfig, validate_inference_options
+from .moe_task import MoETaskMixin
 
 
 @dataclass
@@ -14,14 +15,9 @@ class MoELanguageModelingConfig(LanguageModelingConfig, MoEInferenceConfig):
 
 
 @register_task("moe_language_modeling", dataclass=MoELanguageModelingConfig)
-class MoELanguageModelingTask(LanguageModelingTask):
+class MoELanguageModelingTask(MoETaskMixin, LanguageModelingTask):
     """Language modelling whose models get ``--moe-gating`` / eval capacity applied on build."""
 
     def __init__(self, args, dictionary, output_dictionary=None, targets=None):
         validate_inference_options(args)
         super().__init__(args, dictionary, output_dictionary, targets)
-
-    def build_model(self, cfg, from_checkpoint=False):
-        model = super().build_model(cfg, from_checkpoint)
-        configure_moe(model, self.args)
-        return model

@@ -5,7 +5,8 @@ from dataclasses import dataclass
 from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
-from ..inference import MoEInferenceConfig, configure_moe, validate_inference_options
+from ..inference import MoEInferenceConfig, validate_inference_options
+from .moe_task import MoETaskMixin
 
 
 @dataclass
@@ -14,14 +15,9 @@ class MoETranslationConfig(TranslationConfig, MoEInferenceConfig):
 
 
 @register_task("moe_translation", dataclass=MoETranslationConfig)
-class MoETranslationTask(TranslationTask):
+class MoETranslationTask(MoETaskMixin, TranslationTask):
     """Translation whose models get ``--moe-gating`` / eval capacity applied on build."""
 
     def __init__(self, cfg, src_dict, tgt_dict):
         validate_inference_options(cfg)
         super().__init__(cfg, src_dict, tgt_dict)
-
-    def build_model(self, cfg, from_checkpoint=False):
-        model = super().build_model(cfg, from_checkpoint)
-        configure_moe(model, self.cfg)
-        return model

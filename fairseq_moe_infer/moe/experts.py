@@ -32,11 +32,12 @@ _FAIRSEQ_KEY = re.compile(r"^(\d+)\.(fc1|fc2)\.(weight|bias)$")
 
 
 def grouped_gemm_available(x: Tensor) -> bool:
-    """True where ``torch._grouped_mm`` runs: CUDA, compute capability >= 9.0, bf16."""
+    """True where ``torch._grouped_mm`` runs: CUDA, compute capability >= 9.0, bf16 or fp16
+    (fp16 checked on the H200 with torch 2.11: forward and backward, tests/test_gpu.py)."""
     return (
         x.is_cuda
         and hasattr(torch, "_grouped_mm")
-        and x.dtype == torch.bfloat16
+        and x.dtype in (torch.bfloat16, torch.float16)
         and torch.cuda.get_device_capability(x.device)[0] >= 9
     )
 
@@ -81,11 +82,24 @@ class Experts(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """``nn.Linear``'s default init, per expert: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-        for w, b in ((self.fc1_weight, self.fc1_bias), (self.fc2_weight, self.fc2_bias)):
-            bound = 1.0 / math.sqrt(w.shape[-1])
-            nn.init.uniform_(w, -bound, bound)
-            nn.init.uniform_(b, -bound, bound)
+        """``nn.Linear``'s default init, per expert: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+
+        One seed is drawn from the global RNG (the same draw on every rank, as
+        fairseq seeds all ranks alike); global expert ``j`` is then drawn from a
+        generator seeded ``seed + j``. So a rank holding experts
+        ``[global_offset, global_offset + E_local)`` gets exactly those experts of
+        the single-process model, without drawing the others.
+        """
+        seed = int(torch.randint(0, 2**62, (1,)))
+        if self.fc1_weight.is_meta:  # built on the meta device: nothing to fill yet
+            return
+        for i in range(self.num_local_experts):
+            g = torch.Generator().manual_seed(seed + self.global_offset + i)
+            for w, b in ((self.fc1_weight, self.fc1_bias), (self.fc2_weight, self.fc2_bias)):
+                bound = 1.0 / math.sqrt(w.shape[-1])
+                with torch.no_grad():
+                    w[i].copy_(torch.empty(w.shape[1:]).uniform_(-bound, bound, generator=g))
+                    b[i].copy_(torch.empty(b.shape[1:]).uniform_(-bound, bound, generator=g))
 
     def _hidden(self, h: Tensor) -> Tensor:
         return self.activation_dropout(self.activation_fn(h))
@@ -107,7 +121,7 @@ class Experts(nn.Module):
         Returns:
             [N, d] expert outputs.
 
-        On Hopper in bf16 both GEMMs are one ``torch._grouped_mm`` each;
+        On Hopper in bf16/fp16 both GEMMs are one ``torch._grouped_mm`` each;
         elsewhere a loop of per-expert ``F.linear`` over the host-side counts
         (one device sync) computes the same function.
         """
@@ -134,6 +148,30 @@ class Experts(nn.Module):
         return torch.where(row_ok[:, None], y, torch.zeros((), dtype=y.dtype, device=y.device))
 
     # ---- checkpoint compatibility -------------------------------------------------
+    def gather_for_save(self, group) -> None:
+        """Collect all E experts from the expert-parallel ``group`` (a collective: every
+        rank calls it) so that the next ``state_dict()`` holds the full [E, ...] stacks,
+        loadable by any world size. :meth:`release_gathered` drops the copies."""
+        import torch.distributed as dist
+
+        world = dist.get_world_size(group)
+        gathered = {}
+        for name in _PARAMS:
+            p = getattr(self, name).detach().contiguous()
+            parts = [torch.empty_like(p) for _ in range(world)]
+            dist.all_gather(parts, p, group=group)
+            gathered[name] = torch.cat(parts)
+        self._gathered = gathered
+
+    def release_gathered(self) -> None:
+        """Forget the copies made by :meth:`gather_for_save`."""
+        self._gathered = None
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name, t in (getattr(self, "_gathered", None) or {}).items():
+            destination[prefix + name] = t
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
         stack_per_expert_keys(state_dict, prefix)
         for name in _PARAMS:

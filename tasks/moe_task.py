@@ -1,0 +1,23 @@
+"""What both ``moe_*`` tasks add to their fairseq base task (a mixin, listed first)."""
+
+from ..inference import configure_moe
+from ..training import check_training_setup, prepare_expert_parallel_training
+
+
+class MoETaskMixin:
+    """Applies ``--moe-gating`` & co. to every model the task builds, prepares
+    expert-parallel training when the experts are sharded over several ranks
+    (:mod:`fairseq_moe_infer.training`), and checks fairseq's training setup once
+    at the first training step."""
+
+    def build_model(self, cfg, from_checkpoint=False):
+        model = super().build_model(cfg, from_checkpoint)
+        configure_moe(model, self.cfg if getattr(self, "cfg", None) is not None else self.args)
+        prepare_expert_parallel_training(model)
+        return model
+
+    def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
+        if not getattr(self, "_moe_setup_checked", False):
+            check_training_setup(model, optimizer)
+            self._moe_setup_checked = True
+        return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)

@@ -1,0 +1,78 @@
+"""Expert-parallel training under fairseq's own launcher equals single-process training.
+
+Two ``fairseq-train`` processes (``--distributed-world-size 2``, gloo, CPU) each hold
+half of the experts. fairseq hands rank r the batches r, r + 2, ...; one process
+with ``--update-freq 2`` sees the same two batches per update. With dropout off,
+deterministic top-2 routing, dynamic gating (nothing dropped) and plain SGD (so a
+wrongly scaled expert gradient shows at full size), both runs must end with the
+same weights, and the 2-process checkpoint must hold all experts.
+"""
+
+import socket
+import subprocess
+import types
+
+import pytest
+import torch
+
+from fairseq_moe_infer.training import check_training_setup
+
+from .helpers import TINY_LM, USER_DIR, ok, tool
+
+ARGS = [TINY_LM, "--user-dir", USER_DIR, "--task", "moe_language_modeling", "--arch", "transformer_lm_moe_small",
+        "--criterion", "moe_cross_entropy", "--tokens-per-sample", "64", "--max-tokens", "512", "--max-update", "6",
+        "--decoder-layers", "2", "--decoder-embed-dim", "64", "--decoder-ffn-embed-dim", "128",
+        "--decoder-attention-heads", "2", "--moe-expert-count", "4", "--moe-expert-ffn-dim", "64",
+        "--optimizer", "sgd", "--lr", "0.5", "--log-format", "simple", "--log-interval", "1",
+        "--no-epoch-checkpoints", "--num-workers", "0", "--seed", "3", "--moe-gating-use-fp32", "--cpu",
+        "--moe-gating", "dynamic", "--dropout", "0", "--moe-second-expert-policy", "all", "--disable-validation"]
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _model(path):
+    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+
+
+def test_two_process_expert_parallel_training_equals_one_process(tmp_path):
+    port = _port()
+    procs = [
+        subprocess.Popen(
+            tool("train") + [str(a) for a in ARGS] + [
+                "--save-dir", str(tmp_path / "two"), "--distributed-world-size", "2", "--distributed-rank", str(r),
+                "--distributed-init-method", f"tcp://127.0.0.1:{port}", "--distributed-no-spawn",
+                "--distributed-backend", "gloo", "--ddp-backend", "legacy_ddp", "--device-id", "0"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for r in (0, 1)
+    ]
+    one = subprocess.run(tool("train") + [str(a) for a in ARGS] + ["--save-dir", str(tmp_path / "one"),
+                                                                    "--update-freq", "2"],
+                         capture_output=True, text=True, timeout=600)
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:]
+    ok(one)
+    assert "expert parallelism over 2 ranks" in outs[0]
+    assert "optimizer state not saved" in outs[0]
+
+    ref = _model(tmp_path / "one" / "checkpoint_last.pt")
+    got = _model(tmp_path / "two" / "checkpoint_last.pt")
+    assert set(got) == set(ref)
+    expert_keys = [k for k in ref if ".moe_layer.experts." in k]
+    assert expert_keys and all(got[k].shape[0] == 4 for k in expert_keys)  # all 4 experts, not rank 0's 2
+    for k in ref:
+        torch.testing.assert_close(got[k].float(), ref[k].float(), rtol=0, atol=2e-5, msg=k)
+
+
+def test_training_setup_checks_exit_with_one_line(monkeypatch):
+    import fairseq_moe_infer.training as training
+
+    monkeypatch.setattr(training, "expert_parallel_world", lambda model: 2)
+    flattened_fp16 = types.SimpleNamespace(fp32_params={0: torch.zeros(3)})
+    with pytest.raises(SystemExit, match="--fp16-no-flatten-grads"):
+        check_training_setup(torch.nn.Linear(2, 2), flattened_fp16)
+    check_training_setup(torch.nn.Linear(2, 2), types.SimpleNamespace(fp32_params=[torch.zeros(3)]))  # no-flatten: fine
