@@ -6,11 +6,19 @@ evaluation-mode forward of :class:`fairseq_moe_infer.moe.MoELayer` (top-2) under
 
 * ``static-0.25``: fairseq static gating, eval capacity ceil(0.25 T) per expert;
 * ``static-1.0``:  static gating with capacity T (drops nothing);
-* ``dynamic``:     dynamic gating (sorted by expert, grouped GEMM);
+* ``dynamic``:     dynamic gating (sorted by expert, grouped GEMM, fused Triton
+  bias/activation and un-permute/combine);
+* ``dynamic-graph``: the same captured once in a CUDA graph and replayed (one
+  GPU only: the expert-parallel path reads split sizes on the host), which
+  removes the host launch overhead that dominates small batches;
 
 and reports the median time, the peak activation memory (beyond weights and
 input) and the ratio to the floor ``max(FLOPs / bf16 matmul rate,
 expert weight bytes / copy rate)``, both rates measured in the same run.
+Every row also gives the routed rows each GPU's experts computed (max and mean
+over GPUs; static: plus the padded rows it computes) and, under expert
+parallelism, the NCCL share of the layer time (profiler GPU time of the
+all-to-alls and count exchange over the measured median).
 FLOPs = 2 GEMMs x 2 x d x f per routed token x k=2 choices. Under torchrun the
 experts are sharded over the GPUs (expert parallelism) and every GPU routes its
 own T tokens; the floor is per GPU (its local expert bytes), communication excluded.
@@ -33,13 +41,49 @@ from benchmarks.common import (  # noqa: E402
     init_distributed,
     is_oom,
     measure_ceilings,
+    nccl_ms_per_call,
     run_info,
     time_cuda,
     write_json,
 )
 from fairseq_moe_infer.moe import MoELayer  # noqa: E402
 
-POLICIES = {"static-0.25": ("static", 0.25), "static-1.0": ("static", 1.0), "dynamic": ("dynamic", 0.25)}
+POLICIES = {"static-0.25": ("static", 0.25), "static-1.0": ("static", 1.0), "dynamic": ("dynamic", 0.25),
+            "dynamic-graph": ("dynamic", 0.25)}
+
+
+def rows_per_gpu(layer: MoELayer, world: int) -> dict:
+    """Routed rows each GPU's experts computed in the last forward: max and mean over GPUs."""
+    counts = layer.last_stats.expert_counts.clone()
+    if world > 1:
+        torch.distributed.all_reduce(counts)
+    per_gpu = counts.view(world, -1).sum(1).double()
+    out = {"rows_per_gpu_max": int(per_gpu.max()), "rows_per_gpu_mean": round(float(per_gpu.mean()), 1),
+           "rows_per_gpu_max_over_mean": round(float(per_gpu.max() / per_gpu.mean()), 3)}
+    if layer.last_stats.capacity > 0:
+        out["padded_rows_per_gpu"] = layer.last_stats.capacity * layer.num_experts  # E_local * world * C
+    return out
+
+
+def graphed(layer: MoELayer, example: torch.Tensor):
+    """``layer`` captured in a CUDA graph: returns fn(x) copying x into the static input and replaying."""
+    static_x = example.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):  # warm up (Triton compiles) outside the capture
+            layer(static_x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = layer(static_x)
+
+    def run(x):
+        static_x.copy_(x)
+        graph.replay()
+        return static_y
+
+    return run
 
 
 def bench_shape(E, d, f, tokens, policies, ceilings, world, budget_s, deadline):
@@ -59,17 +103,26 @@ def bench_shape(E, d, f, tokens, policies, ceilings, world, budget_s, deadline):
                 row["skipped"] = "time budget"
                 rows.append(row)
                 continue
+            if name == "dynamic-graph" and world > 1:
+                continue
             layer.set_gating(gating, fraction)
             try:
                 with torch.no_grad():
                     free_memory()
                     base = torch.cuda.memory_allocated()
                     torch.cuda.reset_peak_memory_stats()
-                    layer(inputs[0])
+                    forward = graphed(layer, inputs[0]) if name == "dynamic-graph" else layer
+                    forward(inputs[0])
                     torch.cuda.synchronize()
                     row["peak_activation_MiB"] = round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
                     row["dropped_pct"] = round(100 * layer.last_stats.dropped.item() / max(layer.last_stats.routed.item(), 1), 2)
-                    row.update(time_cuda(lambda i: layer(inputs[i % 3]), warmup=2, repeat=10, budget_s=budget_s))
+                    row.update(rows_per_gpu(layer, world))
+                    row.update(time_cuda(lambda i: forward(inputs[i % 3]), warmup=2, repeat=10, budget_s=budget_s))
+                    if world > 1:
+                        nccl = nccl_ms_per_call(lambda i: forward(inputs[i % 3]))
+                        row["nccl_ms"] = round(nccl, 4)
+                        row["nccl_share"] = round(nccl / row["median_ms"], 3)
+                    forward = None  # frees a captured graph
                 row["x_floor"] = round(row["median_ms"] / floor_ms, 3)
                 row["tokens_per_s"] = round(T * world / (row["median_ms"] / 1000))
             except RuntimeError as e:
@@ -104,12 +157,14 @@ def main(argv=None):
 
 
 def print_table(rows):
-    print(f"{'shape':>15} {'T/GPU':>7} {'policy':>12} {'ms':>9} {'x floor':>8} {'act MiB':>9} {'drop%':>6}")
+    print(f"{'shape':>15} {'T/GPU':>7} {'policy':>13} {'ms':>9} {'x floor':>8} {'act MiB':>9} {'drop%':>6} "
+          f"{'rows/GPU max/mean':>18} {'NCCL share':>10}")
     for r in rows:
         shape = f"{r['E']}x{r['d']}x{r['f']}"
         ms = "OOM" if r.get("oom") else r.get("skipped", f"{r.get('median_ms', 0):.3f}")
-        print(f"{shape:>15} {r['tokens_per_gpu']:>7} {r['policy']:>12} {ms:>9} {r.get('x_floor', ''):>8} "
-              f"{r.get('peak_activation_MiB', ''):>9} {r.get('dropped_pct', ''):>6}")
+        print(f"{shape:>15} {r['tokens_per_gpu']:>7} {r['policy']:>13} {ms:>9} {r.get('x_floor', ''):>8} "
+              f"{r.get('peak_activation_MiB', ''):>9} {r.get('dropped_pct', ''):>6} "
+              f"{r.get('rows_per_gpu_max_over_mean', ''):>18} {r.get('nccl_share', ''):>10}")
 
 
 if __name__ == "__main__":

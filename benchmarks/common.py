@@ -78,7 +78,8 @@ def run_info(argv: Optional[List[str]] = None) -> dict:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     except OSError:
         commit = ""
-    commit = commit or os.environ.get("GIT_COMMIT", "unknown")
+    if len(commit) != 40:  # the device copy of the tree has no .git: the caller passes GIT_COMMIT
+        commit = os.environ.get("GIT_COMMIT", "unknown")
     return {
         "command": " ".join(["python"] + (argv if argv is not None else sys.argv)),
         "git_commit": commit,
@@ -99,6 +100,22 @@ def write_json(path: str, payload: dict) -> None:
 
 def is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def nccl_ms_per_call(fn: Callable[[int], object], calls: int = 3) -> float:
+    """GPU time of NCCL kernels (all-to-all, count exchange, all-reduce) per ``fn(i)`` call,
+    from the torch profiler's CUDA activity; includes time a rank waits for its peers."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for i in range(calls):
+            fn(i)
+        torch.cuda.synchronize()
+    total_us = 0.0
+    for evt in prof.key_averages():
+        if "nccl" in evt.key.lower():
+            total_us += getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0.0)
+    return total_us / calls / 1000
 
 
 def free_memory() -> None:

@@ -27,6 +27,7 @@ POLICIES = {  # policy key -> (legend label, colour, marker)
     "static-0.25": ("static, eval capacity 0.25", "tab:blue", "o"),
     "static-1.0": ("static, capacity 1.0", "tab:orange", "s"),
     "dynamic": ("dynamic", "tab:green", "^"),
+    "dynamic-graph": ("dynamic in a CUDA graph", "tab:purple", "v"),
 }
 
 

@@ -33,6 +33,7 @@ from torch import Tensor
 from .comm import all_to_all, exchange_counts
 from .experts import Experts
 from .gate import MoEConfigError, Routing
+from .kernels import fused_available, unpermute_combine
 
 
 @dataclass
@@ -189,7 +190,9 @@ class DynamicDispatcher(Dispatcher):
     """Dynamic gating: sort assignments by expert, exact per-expert sizes, no dropping.
 
     Single process: no host synchronisation (grouped GEMM offsets stay on the
-    device). Expert parallel: one exchange of per-expert counts (host sync for
+    device), so the layer can be captured in a CUDA graph. At inference on CUDA
+    the un-permute, weighting and sum over the k choices are one Triton kernel
+    (:func:`~fairseq_moe_infer.moe.kernels.unpermute_combine`). Expert parallel: one exchange of per-expert counts (host sync for
     the split sizes), then variable-size ``all_to_all_single`` there and back.
     """
 
@@ -200,7 +203,8 @@ class DynamicDispatcher(Dispatcher):
         key = torch.where(flat_valid, routing.expert_indices.t().reshape(-1), E)
         order = torch.argsort(key, stable=True)
         sorted_key = key[order]
-        counts = torch.bincount(key, minlength=E + 1)[:E]
+        # per-expert counts without a host sync (bincount would read the max back)
+        counts = torch.zeros(E + 1, dtype=torch.long, device=x.device).scatter_add_(0, key, torch.ones_like(key))[:E]
         rows = x[order % num_tokens]  # token of assignment j is j % T
 
         world = _world(group)
@@ -212,7 +216,10 @@ class DynamicDispatcher(Dispatcher):
         weights = routing.combine_weights(routing.valid).t().reshape(-1).to(x.dtype)
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
-        y = (y_sorted[inverse] * weights[:, None]).view(k, num_tokens, d).sum(dim=0)
+        if fused_available(y_sorted):
+            y = unpermute_combine(y_sorted, inverse, weights, k)
+        else:
+            y = (y_sorted[inverse] * weights[:, None]).view(k, num_tokens, d).sum(dim=0)
         routed = flat_valid.sum()
         return y, DispatchStats(counts, routed, torch.zeros_like(routed), -1)
 

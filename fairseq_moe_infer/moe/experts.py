@@ -27,6 +27,8 @@ from fairseq import utils
 from fairseq.modules.fairseq_dropout import FairseqDropout
 from torch import Tensor, nn
 
+from .kernels import bias_act_rows_, fused_available
+
 _PARAMS = ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
 _FAIRSEQ_KEY = re.compile(r"^(\d+)\.(fc1|fc2)\.(weight|bias)$")
 
@@ -70,6 +72,7 @@ class Experts(nn.Module):
         self.num_local_experts = num_local_experts
         self.num_global_experts = num_global_experts or num_local_experts
         self.global_offset = global_offset
+        self.activation_name = activation_fn
         self.activation_fn = utils.get_activation_fn(activation_fn)
         self.activation_dropout = FairseqDropout(activation_dropout, module_name="Experts")
         e = num_local_experts
@@ -139,11 +142,16 @@ class Experts(nn.Module):
 
     def _forward_grouped_mm(self, x: Tensor, counts: Tensor, expert_of_row: Tensor) -> Tensor:
         offs = counts.cumsum(0).to(torch.int32)
+        w1, w2 = self.fc1_weight.transpose(1, 2), self.fc2_weight.transpose(1, 2)
+        if not self.training and fused_available(x, self.activation_name):
+            # inference: bias + activation (+ zeroing of unrouted rows) fused into one pass per GEMM
+            h = bias_act_rows_(torch._grouped_mm(x, w1, offs=offs), self.fc1_bias, expert_of_row, self.activation_name)
+            return bias_act_rows_(torch._grouped_mm(h, w2, offs=offs), self.fc2_bias, expert_of_row, "identity")
         row_ok = expert_of_row < self.num_local_experts
         e = expert_of_row.clamp(max=self.num_local_experts - 1)
-        h = torch._grouped_mm(x, self.fc1_weight.transpose(1, 2), offs=offs)
+        h = torch._grouped_mm(x, w1, offs=offs)
         h = self._hidden(h + self.fc1_bias[e])
-        y = torch._grouped_mm(h, self.fc2_weight.transpose(1, 2), offs=offs)
+        y = torch._grouped_mm(h, w2, offs=offs)
         y = y + self.fc2_bias[e]
         return torch.where(row_ok[:, None], y, torch.zeros((), dtype=y.dtype, device=y.device))
 

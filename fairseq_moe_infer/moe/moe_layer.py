@@ -100,9 +100,9 @@ class MoELayer(nn.Module):
         y, stats = self.dispatcher(tokens, routing, self.experts, self.group, self.training)
         self.l_aux, self.last_stats = routing.l_aux, stats
         if not self.training:
-            n = tokens.shape[0] if mask is None else (~mask).sum()
+            n = torch.full((), tokens.shape[0], device=x.device) if mask is None else (~mask).sum()
             self._eval_counts += stats.expert_counts
-            self._eval_scalars += torch.stack([torch.as_tensor(n, device=x.device), stats.routed, stats.dropped])
+            self._eval_scalars += torch.stack([n, stats.routed, stats.dropped])  # no host sync (CUDA-graph safe)
         return y.view(shape)
 
     def set_gating(self, gating: str, eval_capacity_token_fraction: float = 0.25) -> None:
