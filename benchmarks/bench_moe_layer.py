@@ -17,8 +17,12 @@ input) and the ratio to the floor ``max(FLOPs / bf16 matmul rate,
 expert weight bytes / copy rate)``, both rates measured in the same run.
 Every row also gives the routed rows each GPU's experts computed (max and mean
 over GPUs; static: plus the padded rows it computes) and, under expert
-parallelism, the NCCL share of the layer time (profiler GPU time of the
-all-to-alls and count exchange over the measured median).
+parallelism, the all-to-all share of the layer time: the layer's exchanges
+(dynamic: count exchange + variable all-to-all there and back with the split
+sizes of the measured batch; static: the T all-reduce + two fixed [E*C, d]
+all-to-alls) replayed alone, timed the same way, over the layer's median.
+Under expert parallelism the ranks agree before every measurement (time budget,
+predicted static OOM), since a rank leaving a collective out would hang the rest.
 FLOPs = 2 GEMMs x 2 x d x f per routed token x k=2 choices. Under torchrun the
 experts are sharded over the GPUs (expert parallelism) and every GPU routes its
 own T tokens; the floor is per GPU (its local expert bytes), communication excluded.
@@ -29,6 +33,7 @@ Example:
 """
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -41,7 +46,6 @@ from benchmarks.common import (  # noqa: E402
     init_distributed,
     is_oom,
     measure_ceilings,
-    nccl_ms_per_call,
     run_info,
     time_cuda,
     write_json,
@@ -63,6 +67,50 @@ def rows_per_gpu(layer: MoELayer, world: int) -> dict:
     if layer.last_stats.capacity > 0:
         out["padded_rows_per_gpu"] = layer.last_stats.capacity * layer.num_experts  # E_local * world * C
     return out
+
+
+def any_rank(flag: bool, world: int) -> bool:
+    """True if ``flag`` is true on any rank (so all ranks take the same branch)."""
+    if world == 1:
+        return flag
+    t = torch.tensor([int(flag)], device="cuda")
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def static_oom_predicted(T: int, E: int, fraction: float, world: int) -> bool:
+    """The static path's one-hot [T, E, C] tensors (about 3 alive at once, bf16) exceed free memory on some rank."""
+    need = 3 * T * E * math.ceil(fraction * T) * 2
+    return any_rank(need > 0.9 * torch.cuda.mem_get_info()[0], world)
+
+
+def all_to_all_replay_ms(layer: MoELayer, d: int, world: int, budget_s: float) -> float:
+    """Median ms of the last forward's exchanges replayed alone (see the module docstring)."""
+    import torch.distributed as dist
+
+    stats = layer.last_stats
+    if stats.capacity > 0:  # static: all-reduce of T, then [E*C, d] there and back
+        buf = torch.randn(layer.num_experts * stats.capacity, d, device="cuda", dtype=torch.bfloat16)
+        out, t = torch.empty_like(buf), torch.ones(1, device="cuda")
+
+        def exchange(_):
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            dist.all_to_all_single(out, buf)
+            dist.all_to_all_single(buf, out)
+    else:  # dynamic: counts, then the routed rows there and back with their split sizes
+        counts = stats.expert_counts
+        recv_counts = torch.empty_like(counts)
+        dist.all_to_all_single(recv_counts, counts)
+        in_splits = counts.view(world, -1).sum(1).tolist()
+        out_splits = recv_counts.view(world, -1).sum(1).tolist()
+        send = torch.randn(sum(in_splits), d, device="cuda", dtype=torch.bfloat16)
+        recv = torch.empty(sum(out_splits), d, device="cuda", dtype=torch.bfloat16)
+
+        def exchange(_):
+            dist.all_to_all_single(recv_counts, counts)
+            dist.all_to_all_single(recv, send, out_splits, in_splits)
+            dist.all_to_all_single(send, recv, in_splits, out_splits)
+    return time_cuda(exchange, warmup=2, repeat=10, budget_s=budget_s)["median_ms"]
 
 
 def graphed(layer: MoELayer, example: torch.Tensor):
@@ -99,11 +147,16 @@ def bench_shape(E, d, f, tokens, policies, ceilings, world, budget_s, deadline):
         for name in policies:
             gating, fraction = POLICIES[name]
             row = {"E": E, "d": d, "f": f, "tokens_per_gpu": T, "policy": name, "floor_ms": round(floor_ms, 4)}
-            if time.time() > deadline:
+            if name == "dynamic-graph" and world > 1:
+                continue
+            if any_rank(time.time() > deadline, world):
                 row["skipped"] = "time budget"
                 rows.append(row)
                 continue
-            if name == "dynamic-graph" and world > 1:
+            if gating == "static" and static_oom_predicted(T, E, fraction, world):
+                row.update(oom=True, oom_predicted=True)
+                rows.append(row)
+                print(" ".join(f"{k}={v}" for k, v in row.items()), file=sys.stderr, flush=True)
                 continue
             layer.set_gating(gating, fraction)
             try:
@@ -119,9 +172,9 @@ def bench_shape(E, d, f, tokens, policies, ceilings, world, budget_s, deadline):
                     row.update(rows_per_gpu(layer, world))
                     row.update(time_cuda(lambda i: forward(inputs[i % 3]), warmup=2, repeat=10, budget_s=budget_s))
                     if world > 1:
-                        nccl = nccl_ms_per_call(lambda i: forward(inputs[i % 3]))
-                        row["nccl_ms"] = round(nccl, 4)
-                        row["nccl_share"] = round(nccl / row["median_ms"], 3)
+                        a2a = all_to_all_replay_ms(layer, d, world, budget_s)
+                        row["all_to_all_ms"] = round(a2a, 4)
+                        row["all_to_all_share"] = round(a2a / row["median_ms"], 3)
                     forward = None  # frees a captured graph
                 row["x_floor"] = round(row["median_ms"] / floor_ms, 3)
                 row["tokens_per_s"] = round(T * world / (row["median_ms"] / 1000))
@@ -129,10 +182,14 @@ def bench_shape(E, d, f, tokens, policies, ceilings, world, budget_s, deadline):
                 if not is_oom(e):
                     raise
                 row["oom"] = True
+                if world > 1:  # the ranks may have left different collectives half done: stop here
+                    row["aborted"] = "out of memory under expert parallelism; later rows not measured"
+                    rows.append(row)
+                    return rows, True
             free_memory()
             rows.append(row)
             print(" ".join(f"{k}={v}" for k, v in row.items()), file=sys.stderr, flush=True)
-    return rows
+    return rows, False
 
 
 def main(argv=None):
@@ -150,21 +207,24 @@ def main(argv=None):
     rows = []
     for shape in a.shapes:
         E, d, f = (int(v) for v in shape.split("x"))
-        rows += bench_shape(E, d, f, a.tokens, a.policies, ceilings, world, a.budget_s, deadline)
-    if rank == 0:
-        write_json(a.out, {"benchmark": "moe_layer", "run": run_info(), "ceilings": ceilings, "rows": rows})
+        shape_rows, aborted = bench_shape(E, d, f, a.tokens, a.policies, ceilings, world, a.budget_s, deadline)
+        rows += shape_rows
+        if rank == 0:  # after every shape, so a later hang or kill keeps what was measured
+            write_json(a.out, {"benchmark": "moe_layer", "run": run_info(), "ceilings": ceilings, "rows": rows})
+        if aborted:
+            break
     print_table(rows)
 
 
 def print_table(rows):
     print(f"{'shape':>15} {'T/GPU':>7} {'policy':>13} {'ms':>9} {'x floor':>8} {'act MiB':>9} {'drop%':>6} "
-          f"{'rows/GPU max/mean':>18} {'NCCL share':>10}")
+          f"{'rows/GPU max/mean':>18} {'a2a share':>10}")
     for r in rows:
         shape = f"{r['E']}x{r['d']}x{r['f']}"
         ms = "OOM" if r.get("oom") else r.get("skipped", f"{r.get('median_ms', 0):.3f}")
         print(f"{shape:>15} {r['tokens_per_gpu']:>7} {r['policy']:>13} {ms:>9} {r.get('x_floor', ''):>8} "
               f"{r.get('peak_activation_MiB', ''):>9} {r.get('dropped_pct', ''):>6} "
-              f"{r.get('rows_per_gpu_max_over_mean', ''):>18} {r.get('nccl_share', ''):>10}")
+              f"{r.get('rows_per_gpu_max_over_mean', ''):>18} {r.get('all_to_all_share', ''):>10}")
 
 
 if __name__ == "__main__":

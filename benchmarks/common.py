@@ -102,22 +102,6 @@ def is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
-def nccl_ms_per_call(fn: Callable[[int], object], calls: int = 3) -> float:
-    """GPU time of NCCL kernels (all-to-all, count exchange, all-reduce) per ``fn(i)`` call,
-    from the torch profiler's CUDA activity; includes time a rank waits for its peers."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for i in range(calls):
-            fn(i)
-        torch.cuda.synchronize()
-    total_us = 0.0
-    for evt in prof.key_averages():
-        if "nccl" in evt.key.lower():
-            total_us += getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0.0)
-    return total_us / calls / 1000
-
-
 def free_memory() -> None:
     import gc
 

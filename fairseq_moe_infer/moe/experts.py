@@ -147,13 +147,15 @@ class Experts(nn.Module):
             # inference: bias + activation (+ zeroing of unrouted rows) fused into one pass per GEMM
             h = bias_act_rows_(torch._grouped_mm(x, w1, offs=offs), self.fc1_bias, expert_of_row, self.activation_name)
             return bias_act_rows_(torch._grouped_mm(h, w2, offs=offs), self.fc2_bias, expert_of_row, "identity")
-        row_ok = expert_of_row < self.num_local_experts
+        # Rows past the last group are not computed by _grouped_mm (forward or backward): they hold
+        # garbage. torch.where (not a multiply: garbage may be NaN) zeroes them and their gradients.
+        row_ok = (expert_of_row < self.num_local_experts)[:, None]
         e = expert_of_row.clamp(max=self.num_local_experts - 1)
-        h = torch._grouped_mm(x, w1, offs=offs)
-        h = self._hidden(h + self.fc1_bias[e])
+        zero = torch.zeros((), dtype=x.dtype, device=x.device)
+        h = torch._grouped_mm(torch.where(row_ok, x, zero), w1, offs=offs)
+        h = self._hidden(torch.where(row_ok, h + self.fc1_bias[e], zero))
         y = torch._grouped_mm(h, w2, offs=offs)
-        y = y + self.fc2_bias[e]
-        return torch.where(row_ok[:, None], y, torch.zeros((), dtype=y.dtype, device=y.device))
+        return torch.where(row_ok, y + self.fc2_bias[e], zero)
 
     # ---- checkpoint compatibility -------------------------------------------------
     def gather_for_save(self, group) -> None:

@@ -52,7 +52,7 @@ if triton is not None:
     @triton.jit
     def _bias_act_kernel(h_ptr, b_ptr, e_ptr, n_cols, stride_h, stride_b, num_experts,
                          ACT: tl.constexpr, BLOCK: tl.constexpr):
-        row = tl.program_id(0)
+        row = tl.program_id(0).to(tl.int64)  # row * stride can pass 2**31
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < n_cols
         e = tl.load(e_ptr + row)
@@ -71,7 +71,7 @@ if triton is not None:
     @triton.jit
     def _combine_kernel(y_ptr, inv_ptr, w_ptr, out_ptr, n_tokens, n_cols, stride_y, stride_o,
                         K: tl.constexpr, BLOCK: tl.constexpr):
-        t = tl.program_id(0)
+        t = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < n_cols
         acc = tl.zeros([BLOCK], dtype=tl.float32)
