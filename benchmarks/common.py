@@ -74,12 +74,12 @@ def measure_ceilings() -> dict:
 
 def run_info(argv: Optional[List[str]] = None) -> dict:
     """Command, git commit, device and library versions for a results file."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = ""
-    if len(commit) != 40:  # the device copy of the tree has no .git: the caller passes GIT_COMMIT
-        commit = os.environ.get("GIT_COMMIT", "unknown")
+    commit = os.environ.get("GIT_COMMIT", "")  # the device copy's .git can lag the tree: the caller says
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        except OSError:
+            commit = "unknown"
     return {
         "command": " ".join(["python"] + (argv if argv is not None else sys.argv)),
         "git_commit": commit,

@@ -85,8 +85,10 @@ def plot_moe_layer(path, out):
     rows = data["rows"]
     gpus = data.get("run", {}).get("gpus", 1)
     shapes = sorted({(r["E"], r["d"], r["f"]) for r in rows})
-    fig, axes = plt.subplots(len(shapes), 2, figsize=(12, 4.2 * len(shapes)), squeeze=False)
-    for (E, d, f), (ax_t, ax_m) in zip(shapes, axes):
+    comm = any("all_to_all_share" in r for r in rows)  # expert parallel: a third panel, all-to-all share
+    ncols = 3 if comm else 2
+    fig, axes = plt.subplots(len(shapes), ncols, figsize=(6 * ncols, 4.2 * len(shapes)), squeeze=False)
+    for (E, d, f), (ax_t, ax_m, *ax_c) in zip(shapes, axes):
         srows = [r for r in rows if (r["E"], r["d"], r["f"]) == (E, d, f)]
         shape = f"E={E} experts x d={d} x f={f}"
         setup_axis(ax_t, "tokens per GPU", "forward time per MoE layer [ms]", f"MoE layer time, {shape}")
@@ -97,6 +99,11 @@ def plot_moe_layer(path, out):
             ax_t.plot(*zip(*floor), "k--", label="roofline floor: max(bf16 matmul time, expert weight read time)")
             ax_t.set_ylim(min(min(ys, default=1), min(y for _, y in floor)) / 2, ax_t.get_ylim()[1])
         plot_policies(ax_m, srows, "tokens_per_gpu", "peak_activation_MiB")
+        if ax_c:
+            setup_axis(ax_c[0], "tokens per GPU", "all-to-all time / layer time", f"all-to-all share, {shape}")
+            ax_c[0].set_yscale("linear")
+            plot_policies(ax_c[0], srows, "tokens_per_gpu", "all_to_all_share")
+            ax_c[0].set_ylim(0, 1)
     dev = data.get("run", {}).get("device", "GPU")
     fig.suptitle(f"MoE layer forward, {gpus}x {dev}" + (" (expert parallel)" if gpus > 1 else "") + ", median of repeats")
     legend_on_top(fig, axes[0][0])
