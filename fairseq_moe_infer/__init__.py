@@ -27,6 +27,10 @@ from . import training  # noqa: E402
 
 training.install_checkpoint_save_hook()
 
+from . import expert_parallel_eval  # noqa: E402
+
+expert_parallel_eval.install_eval_lm_hook()
+
 from . import criterions, models, tasks  # noqa: E402,F401 (fairseq registrations)
 
 

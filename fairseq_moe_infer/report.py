@@ -13,6 +13,9 @@ forwards only and gives:
 
 It is logged (one readable line per layer, then the whole summary as one JSON
 line prefixed ``moe_summary``) and written to ``--moe-stats-json`` when given.
+Under torch.distributed every rank reports its own tokens (``rank`` and
+``world_size`` are added); rank 0 writes ``--moe-stats-json PATH``, rank r > 0
+writes ``PATH.rank<r>``.
 """
 
 import atexit
@@ -80,6 +83,7 @@ class MoERunReport:
             "dropped": dropped,
             "drop_rate": round(dropped / routed, 6) if routed else 0.0,
             "layers": layers,
+            **_rank_info(),
         }
 
     def finish(self) -> Optional[dict]:
@@ -96,7 +100,8 @@ class MoERunReport:
         for name, v in s["layers"].items():
             logger.info("MoE %s: tokens per expert %s (dropped %d)", name, v["expert_counts"], v["dropped"])
         if self.json_path:
-            with open(self.json_path, "w") as f:
+            rank = s.get("rank", 0)
+            with open(self.json_path if rank == 0 else f"{self.json_path}.rank{rank}", "w") as f:
                 json.dump(s, f, indent=1)
         logger.info("moe_summary %s", json.dumps(s))
         return s
@@ -104,3 +109,11 @@ class MoERunReport:
     def register_atexit(self) -> "MoERunReport":
         atexit.register(self.finish)
         return self
+
+
+def _rank_info() -> dict:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return {"rank": dist.get_rank(), "world_size": dist.get_world_size()}
+    return {}
