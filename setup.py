@@ -36,5 +36,6 @@ setup(
         "numpy",
         "tqdm",
     ],
-    extras_require={"dev": ["pytest", "ruff", "matplotlib"]},
+    # triton: its CPU interpreter runs the fused-kernel test (tests/test_kernels.py) without a GPU
+    extras_require={"dev": ["pytest", "ruff", "matplotlib", "triton; sys_platform == 'linux' and platform_machine == 'x86_64'"]},
 )

@@ -33,7 +33,16 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import free_memory, init_distributed, is_oom, run_info, time_cuda, write_json  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    any_rank,
+    free_memory,
+    init_distributed,
+    is_oom,
+    moe_rows_per_gpu,
+    run_info,
+    time_cuda,
+    write_json,
+)
 
 USER_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fairseq_moe_infer")
 POLICIES = {"static-0.25": ("static", 0.25), "static-1.0": ("static", 1.0), "dynamic": ("dynamic", 0.25)}
@@ -149,14 +158,23 @@ def mt_generate_runner(model, task, beam: int = 4, out_len: int = 32):
     return run, lambda bt: max(1, bt // out_len) * out_len
 
 
-def sweep(run, count, policies, start_tokens, max_tokens, deadline, budget_s, label):
+def sweep(run, count, policies, start_tokens, max_tokens, deadline, budget_s, label, world=1):
+    """Double the batch per policy until out of memory, the time budget or ``max_tokens``.
+
+    Returns (rows, aborted): under expert parallelism an out-of-memory error may leave the
+    ranks in different collectives, so the whole benchmark stops there (aborted=True).
+    Each row also gives the routed rows each GPU's experts computed over the timed
+    repeats, summed over all MoE layers (max / mean over GPUs).
+    """
+    from fairseq_moe_infer.moe import MoELayer
+
     rows = []
     for name in policies:
         set_policy(MODEL[0], name)
         bt = start_tokens
         while bt <= max_tokens:
             row = {"workload": label, "policy": name, "batch_tokens": count(bt)}
-            if time.time() > deadline:
+            if any_rank(time.time() > deadline, world):
                 row["skipped"] = "time budget"
                 rows.append(row)
                 break
@@ -164,7 +182,11 @@ def sweep(run, count, policies, start_tokens, max_tokens, deadline, budget_s, la
                 with torch.no_grad():
                     free_memory()
                     torch.cuda.reset_peak_memory_stats()
+                    for m in MODEL[0].modules():
+                        if isinstance(m, MoELayer):
+                            m.reset_eval_totals()
                     row.update(time_cuda(lambda i: run(bt, i), warmup=1, repeat=3, budget_s=budget_s))
+                    row.update(moe_rows_per_gpu(MODEL[0], world))
                 row["tokens_per_s"] = round(count(bt) / (row["median_ms"] / 1000), 1)
                 row["peak_memory_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
             except RuntimeError as e:
@@ -175,9 +197,12 @@ def sweep(run, count, policies, start_tokens, max_tokens, deadline, budget_s, la
             rows.append(row)
             print(" ".join(f"{k}={v}" for k, v in row.items()), file=sys.stderr, flush=True)
             if row.get("oom"):
+                if world > 1:
+                    row["aborted"] = "out of memory under expert parallelism; later points not measured"
+                    return rows, True
                 break
             bt *= 2
-    return rows
+    return rows, False
 
 
 MODEL = [None]
@@ -228,22 +253,29 @@ def main(argv=None):
             "weights_GiB_per_gpu": round(torch.cuda.memory_allocated() / 2**30, 2)}
     print(info, file=sys.stderr, flush=True)
     rows = []
+
+    def save():  # after every sweep, so a later hang or kill keeps what was measured
+        if rank == 0:
+            write_json(a.out, {"benchmark": f"end_to_end_{a.model}", "run": run_info(), "model": info,
+                               "experts": a.experts, "layers": layers, "rows": rows, "summary": summarize(rows)})
+
     if a.model == "lm":
         run, count = lm_runner(model, task)
-        rows += sweep(run, count, a.policies, a.start_tokens, a.max_tokens, deadline, a.budget_s, "lm-eval")
+        rows += sweep(run, count, a.policies, a.start_tokens, a.max_tokens, deadline, a.budget_s, "lm-eval", world)[0]
     else:
+        aborted = False
         if "mt-encoder" in a.workloads:
             run, count = mt_encoder_runner(model, task)
             half = deadline - 60 * a.max_minutes / 2 if "mt-generate" in a.workloads else deadline
-            rows += sweep(run, count, a.policies, a.start_tokens, a.max_tokens, half, a.budget_s, "mt-encoder")
-        if "mt-generate" in a.workloads:
+            new, aborted = sweep(run, count, a.policies, a.start_tokens, a.max_tokens, half, a.budget_s, "mt-encoder", world)
+            rows += new
+            save()
+        if "mt-generate" in a.workloads and not aborted:
             run, count = mt_generate_runner(model, task)
             rows += sweep(run, count, a.policies, a.generate_start_tokens, a.max_tokens // 8, deadline, a.budget_s,
-                          "mt-generate")
+                          "mt-generate", world)[0]
+    save()
     summary = summarize(rows)
-    if rank == 0:
-        write_json(a.out, {"benchmark": f"end_to_end_{a.model}", "run": run_info(), "model": info,
-                           "experts": a.experts, "layers": layers, "rows": rows, "summary": summary})
     for workload, pol in summary.items():
         print(workload, pol)
 

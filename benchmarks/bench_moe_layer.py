@@ -42,6 +42,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import (  # noqa: E402
+    any_rank,
     free_memory,
     init_distributed,
     is_oom,
@@ -67,15 +68,6 @@ def rows_per_gpu(layer: MoELayer, world: int) -> dict:
     if layer.last_stats.capacity > 0:
         out["padded_rows_per_gpu"] = layer.last_stats.capacity * layer.num_experts  # E_local * world * C
     return out
-
-
-def any_rank(flag: bool, world: int) -> bool:
-    """True if ``flag`` is true on any rank (so all ranks take the same branch)."""
-    if world == 1:
-        return flag
-    t = torch.tensor([int(flag)], device="cuda")
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return bool(t.item())
 
 
 def static_oom_predicted(T: int, E: int, fraction: float, world: int) -> bool:

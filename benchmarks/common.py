@@ -102,6 +102,29 @@ def is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
+def any_rank(flag: bool, world: int) -> bool:
+    """True if ``flag`` is true on any rank, so that all ranks take the same branch
+    (a rank leaving out a collective would hang the others)."""
+    if world == 1:
+        return flag
+    t = torch.tensor([int(flag)], device="cuda")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def moe_rows_per_gpu(model, world: int) -> dict:
+    """Routed top-k rows each GPU's experts computed, summed over all MoE layers of ``model``
+    since their evaluation counters were last reset: max and mean over GPUs."""
+    from fairseq_moe_infer.moe import MoELayer
+
+    counts = sum(m._eval_counts.clone() for m in model.modules() if isinstance(m, MoELayer))
+    if world > 1:
+        dist.all_reduce(counts)
+    per_gpu = counts.view(world, -1).sum(1).double()
+    return {"rows_per_gpu_max": int(per_gpu.max()), "rows_per_gpu_mean": round(float(per_gpu.mean()), 1),
+            "rows_per_gpu_max_over_mean": round(float(per_gpu.max() / per_gpu.mean()), 3) if per_gpu.sum() else None}
+
+
 def free_memory() -> None:
     import gc
 

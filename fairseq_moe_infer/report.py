@@ -74,7 +74,7 @@ class MoERunReport:
         peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
         return {
             "gating": self.gating,
-            "eval_capacity_token_fraction": self.fraction,
+            "eval_capacity_token_fraction": self.fraction if self.gating == "static" else None,  # static only
             "tokens": tokens,
             "elapsed_s": round(elapsed, 4),
             "tokens_per_s": round(tokens / elapsed, 1) if elapsed > 0 else None,

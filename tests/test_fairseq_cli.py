@@ -15,7 +15,7 @@ import torch
 
 from fairseq_moe_infer.checkpoint import fairseq_checkpoint_globals
 
-from .helpers import TINY_LM, TINY_MT, USER_DIR, ok, run
+from .helpers import ASSETS, TINY_LM, TINY_MT, USER_DIR, ok, run
 
 TINY_MODEL = ["--decoder-embed-dim", "64", "--decoder-ffn-embed-dim", "128", "--decoder-attention-heads", "2",
               "--moe-expert-count", "4", "--moe-expert-ffn-dim", "64"]
@@ -111,12 +111,14 @@ def test_mt_train_generate_interactive(mt_checkpoint, tmp_path):
     ("eval-lm", ["--moe-eval-capacity-token-fraction", "-0.5"], "--moe-eval-capacity-token-fraction must be >= 0"),
     ("train", ["--arch", "transformer_lm_moe_small", "--moe-expert-count", "1"], "--moe-top1-expert"),
     ("train", ["--arch", "transformer_lm_moe_small", "--moe-second-expert-policy", "best"], "--moe-second-expert-policy"),
+    ("eval-lm", ["--path", f"{ASSETS}/checkpoints/lm_moe/checkpoint.pt", "--model-overrides", "{'moe_expert_count': 8}"],
+     "the checkpoint holds 16 experts but the model was built with 8"),
 ])
 def test_bad_flags_exit_with_one_clear_line(tool, flags, message, tmp_path):
     args = [TINY_LM, "--user-dir", USER_DIR, "--task", "moe_language_modeling"] + flags
     if tool == "train":
         args += ["--save-dir", tmp_path, "--max-update", "1", "--max-tokens", "1024"]
-    else:
+    elif "--path" not in flags:
         args += ["--path", tmp_path / "none.pt"]
     proc = run(tool, args)
     assert proc.returncode != 0

@@ -134,5 +134,5 @@ def test_fairseq_per_expert_state_dict_is_stacked_on_load():
     assert layer.experts.fc1_weight[:, 0, 0].tolist() == [0.0, 1.0, 2.0, 3.0]
     assert layer.experts.fc2_bias[:, 0].tolist() == [0.0, -1.0, -2.0, -3.0]
     other = make_layer(E=8)
-    with pytest.raises(RuntimeError, match="--moe-expert-count 4"):
+    with pytest.raises(MoEConfigError, match="--moe-expert-count 4"):
         other.load_state_dict(layer.state_dict())

@@ -13,6 +13,7 @@ expert; tokens are routed in batch-major order, as fairseq's ``MOELayer``
 (which transposes to [B, T, d]) does.
 """
 
+import logging
 from typing import Optional
 
 from fairseq.modules.transformer_layer import TransformerDecoderLayerBase, TransformerEncoderLayerBase
@@ -20,6 +21,8 @@ from torch import Tensor, nn
 
 from ..moe import MoELayer
 from .moe_config import build_moe_layer
+
+logger = logging.getLogger(__name__)
 
 
 def _identity(x: Tensor) -> Tensor:
@@ -128,6 +131,12 @@ def convert_to_moe(stack, moe_args, decoder: bool, no_encoder_attn: bool = False
     """
     from .moe_config import is_moe_layer
 
+    freq = getattr(moe_args, "moe_freq", 0)
+    if freq > 0 and not any(is_moe_layer(moe_args, i) for i in range(len(stack.layers))):
+        logger.warning(
+            f"--moe-freq {freq} with {len(stack.layers)} {'decoder' if decoder else 'encoder'} layers makes none of "
+            f"them an MoE layer (layer i is MoE if (i + 1) % {freq} == 0): this stack is dense"
+        )
     for i in range(len(stack.layers)):
         if not is_moe_layer(moe_args, i):
             continue

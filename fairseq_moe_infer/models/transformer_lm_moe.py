@@ -30,6 +30,11 @@ class TransformerLanguageModelMoE(TransformerLanguageModel):
             convert_to_moe(model.decoder, args, decoder=True, no_encoder_attn=True)
         return model
 
+    def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
+        """fairseq's loading; a checkpoint whose expert count differs ends the tool with one line."""
+        with cli_errors():
+            return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
+
 
 def transformer_lm_moe(args):
     """fairseq's base LM (d=512, 6 layers, FFN 2048, 8 heads) with 16 experts every 2nd layer.

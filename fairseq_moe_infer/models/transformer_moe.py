@@ -26,6 +26,11 @@ class TransformerMoEModel(TransformerModel):
             validate_moe_args(args)
             return super().build_model(args, task)
 
+    def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
+        """fairseq's loading; a checkpoint whose expert count differs ends the tool with one line."""
+        with cli_errors():
+            return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
+
     @classmethod
     def build_encoder(cls, args, src_dict, embed_tokens):
         encoder = super().build_encoder(args, src_dict, embed_tokens)

@@ -193,10 +193,13 @@ class Experts(nn.Module):
             if t.shape[0] == self.num_global_experts and have != t.shape[0]:
                 state_dict[key] = t[self.global_offset : self.global_offset + have]
             elif t.shape[0] != have:
-                raise RuntimeError(
+                from .gate import MoEConfigError
+
+                raise MoEConfigError(
                     f"{key}: the checkpoint holds {t.shape[0]} experts but the model was built "
-                    f"with --moe-expert-count {self.num_global_experts}; pass "
-                    f"--moe-expert-count {t.shape[0]} or load a checkpoint with "
+                    f"with {self.num_global_experts} (--moe-expert-count {self.num_global_experts}); "
+                    f"train with --moe-expert-count {t.shape[0]}, or when evaluating drop the "
+                    f"moe_expert_count of --model-overrides, or load a checkpoint with "
                     f"{self.num_global_experts} experts"
                 )
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)

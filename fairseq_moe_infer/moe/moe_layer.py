@@ -63,10 +63,10 @@ class MoELayer(nn.Module):
         super().__init__()
         group, world, rank = expert_parallel_group()
         if num_experts % world != 0:
+            sizes = ", ".join(str(w) for w in range(1, num_experts + 1) if num_experts % w == 0)
             raise MoEConfigError(
-                f"expert parallelism needs the world size ({world}) to divide "
-                f"--moe-expert-count ({num_experts}); use {world * max(1, num_experts // world)} "
-                f"experts or a world size dividing {num_experts}"
+                f"expert parallelism needs the world size ({world}) to divide the {num_experts} experts "
+                f"(--moe-expert-count); run on {sizes} ranks, or train with an expert count divisible by {world}"
             )
         self.gate = TopKGate(model_dim, num_experts, k, use_fp32_gate, second_expert_policy, normalize_before_dropping)
         e_local = num_experts // world
