@@ -14,6 +14,7 @@ import torch
 from fairseq.dataclass import FairseqDataclass
 from fairseq.logging import metrics
 
+from ..cli import exit_with_error
 from ..moe import MoELayer
 
 COMBINE_METHODS = ("average", "sum")
@@ -49,12 +50,12 @@ class MoELossMixin:
 
     def _init_moe_loss(self, moe_gate_loss_wt: float, moe_gate_loss_combine_method: str) -> None:
         if moe_gate_loss_combine_method not in COMBINE_METHODS:
-            raise SystemExit(
-                f"error: unknown --moe-gate-loss-combine-method '{moe_gate_loss_combine_method}'; "
+            exit_with_error(
+                f"unknown --moe-gate-loss-combine-method '{moe_gate_loss_combine_method}'; "
                 f"choose one of {', '.join(COMBINE_METHODS)}"
             )
         if moe_gate_loss_wt < 0:
-            raise SystemExit(f"error: --moe-gate-loss-wt must be >= 0, got {moe_gate_loss_wt}")
+            exit_with_error(f"--moe-gate-loss-wt must be >= 0, got {moe_gate_loss_wt}")
         self.moe_gate_loss_wt = moe_gate_loss_wt
         self.moe_gate_loss_combine_method = moe_gate_loss_combine_method
 

@@ -5,13 +5,13 @@ They are task options, not model options, so that ``fairseq-generate`` /
 :func:`configure_moe` on every model it builds.
 """
 
-import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
 from fairseq.dataclass import FairseqDataclass
 from torch import nn
 
+from .cli import exit_with_error
 from .moe import DISPATCHERS, MoEConfigError, MoELayer
 from .report import MoERunReport
 
@@ -50,8 +50,7 @@ def validate_inference_options(cfg) -> None:
             "(0 = training capacity factor; use --moe-gating dynamic to drop nothing)"
         )
     if problem:
-        prog = sys.argv[0].rsplit("/", 1)[-1] if sys.argv and sys.argv[0] else "fairseq"
-        raise SystemExit(f"{prog}: error: {problem}")
+        exit_with_error(problem)
 
 
 def configure_moe(model: nn.Module, cfg) -> Optional[MoERunReport]:

@@ -27,11 +27,11 @@ or a fully-sharded / SlowMo data-parallel backend.
 """
 
 import logging
-import sys
 from typing import List
 
 from torch import nn
 
+from .cli import exit_with_error
 from .moe import MoELayer
 
 logger = logging.getLogger(__name__)
@@ -95,8 +95,7 @@ def check_training_setup(model: nn.Module, optimizer) -> None:
     if "FullySharded" in wrapper or "SlowMo" in wrapper:
         problem = f"expert parallelism needs --ddp-backend pytorch_ddp or legacy_ddp, not {wrapper}"
     if problem:
-        prog = sys.argv[0].rsplit("/", 1)[-1] if sys.argv and sys.argv[0] else "fairseq-train"
-        raise SystemExit(f"{prog}: error: {problem}")
+        exit_with_error(problem)
 
 
 def install_checkpoint_save_hook() -> None:

@@ -111,6 +111,8 @@ def test_mt_train_generate_interactive(mt_checkpoint, tmp_path):
     ("eval-lm", ["--moe-eval-capacity-token-fraction", "-0.5"], "--moe-eval-capacity-token-fraction must be >= 0"),
     ("train", ["--arch", "transformer_lm_moe_small", "--moe-expert-count", "1"], "--moe-top1-expert"),
     ("train", ["--arch", "transformer_lm_moe_small", "--moe-second-expert-policy", "best"], "--moe-second-expert-policy"),
+    ("train", ["--arch", "transformer_lm_moe_small", "--criterion", "moe_cross_entropy",
+               "--moe-gate-loss-combine-method", "max"], "fairseq-train: error: unknown --moe-gate-loss-combine-method"),
     ("eval-lm", ["--path", f"{ASSETS}/checkpoints/lm_moe/checkpoint.pt", "--model-overrides", "{'moe_expert_count': 8}"],
      "the checkpoint holds 16 experts but the model was built with 8"),
 ])

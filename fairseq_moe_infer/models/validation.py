@@ -1,8 +1,8 @@
 """Turn configuration errors into one clear command-line error line."""
 
 import contextlib
-import sys
 
+from ..cli import exit_with_error
 from ..moe import MoEConfigError
 
 
@@ -17,5 +17,4 @@ def cli_errors():
     try:
         yield
     except MoEConfigError as e:
-        prog = sys.argv[0].rsplit("/", 1)[-1] if sys.argv and sys.argv[0] else "fairseq"
-        raise SystemExit(f"{prog}: error: {e}") from None
+        exit_with_error(str(e))
