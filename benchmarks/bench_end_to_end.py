@@ -35,6 +35,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import (  # noqa: E402
     any_rank,
+    exit_after_oom_under_expert_parallelism,
     free_memory,
     init_distributed,
     is_oom,
@@ -158,13 +159,13 @@ def mt_generate_runner(model, task, beam: int = 4, out_len: int = 32):
     return run, lambda bt: max(1, bt // out_len) * out_len
 
 
-def sweep(run, count, policies, start_tokens, max_tokens, deadline, budget_s, label, world=1):
+def sweep(run, count, policies, start_tokens, max_tokens, deadline, budget_s, label, world=1, save=lambda rows: None):
     """Double the batch per policy until out of memory, the time budget or ``max_tokens``.
 
-    Returns (rows, aborted): under expert parallelism an out-of-memory error may leave the
-    ranks in different collectives, so the whole benchmark stops there (aborted=True).
-    Each row also gives the routed rows each GPU's experts computed over the timed
-    repeats, summed over all MoE layers (max / mean over GPUs).
+    Returns the rows; ``save(rows_of_this_sweep)`` is called after every row. Under expert
+    parallelism an out-of-memory error may leave the ranks in different collectives, so
+    the benchmark saves and ends there. Each row also gives the routed rows each GPU's
+    experts computed per call, summed over all MoE layers (max / mean over GPUs).
     """
     from fairseq_moe_infer.moe import MoELayer
 
@@ -186,7 +187,7 @@ def sweep(run, count, policies, start_tokens, max_tokens, deadline, budget_s, la
                         if isinstance(m, MoELayer):
                             m.reset_eval_totals()
                     row.update(time_cuda(lambda i: run(bt, i), warmup=1, repeat=3, budget_s=budget_s))
-                    row.update(moe_rows_per_gpu(MODEL[0], world))
+                    row.update(moe_rows_per_gpu(MODEL[0], world, calls=1 + row["repeats"]))
                 row["tokens_per_s"] = round(count(bt) / (row["median_ms"] / 1000), 1)
                 row["peak_memory_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
             except RuntimeError as e:
@@ -195,14 +196,15 @@ def sweep(run, count, policies, start_tokens, max_tokens, deadline, budget_s, la
                 row["oom"] = True
             free_memory()
             rows.append(row)
+            save(rows)
             print(" ".join(f"{k}={v}" for k, v in row.items()), file=sys.stderr, flush=True)
             if row.get("oom"):
                 if world > 1:
                     row["aborted"] = "out of memory under expert parallelism; later points not measured"
-                    return rows, True
+                    exit_after_oom_under_expert_parallelism(lambda: save(rows))
                 break
             bt *= 2
-    return rows, False
+    return rows
 
 
 MODEL = [None]
@@ -254,26 +256,25 @@ def main(argv=None):
     print(info, file=sys.stderr, flush=True)
     rows = []
 
-    def save():  # after every sweep, so a later hang or kill keeps what was measured
+    def save(sweep_rows=()):  # after every row, so a later hang or kill keeps what was measured
         if rank == 0:
+            done = rows + list(sweep_rows)
             write_json(a.out, {"benchmark": f"end_to_end_{a.model}", "run": run_info(), "model": info,
-                               "experts": a.experts, "layers": layers, "rows": rows, "summary": summarize(rows)})
+                               "experts": a.experts, "layers": layers, "rows": done, "summary": summarize(done)})
 
     if a.model == "lm":
         run, count = lm_runner(model, task)
-        rows += sweep(run, count, a.policies, a.start_tokens, a.max_tokens, deadline, a.budget_s, "lm-eval", world)[0]
+        rows += sweep(run, count, a.policies, a.start_tokens, a.max_tokens, deadline, a.budget_s, "lm-eval", world, save)
     else:
-        aborted = False
         if "mt-encoder" in a.workloads:
             run, count = mt_encoder_runner(model, task)
             half = deadline - 60 * a.max_minutes / 2 if "mt-generate" in a.workloads else deadline
-            new, aborted = sweep(run, count, a.policies, a.start_tokens, a.max_tokens, half, a.budget_s, "mt-encoder", world)
-            rows += new
-            save()
-        if "mt-generate" in a.workloads and not aborted:
+            rows += sweep(run, count, a.policies, a.start_tokens, a.max_tokens, half, a.budget_s, "mt-encoder", world,
+                          save)
+        if "mt-generate" in a.workloads:
             run, count = mt_generate_runner(model, task)
             rows += sweep(run, count, a.policies, a.generate_start_tokens, a.max_tokens // 8, deadline, a.budget_s,
-                          "mt-generate", world)[0]
+                          "mt-generate", world, save)
     save()
     summary = summarize(rows)
     for workload, pol in summary.items():

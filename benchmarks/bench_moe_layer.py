@@ -43,6 +43,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import (  # noqa: E402
     any_rank,
+    exit_after_oom_under_expert_parallelism,
     free_memory,
     init_distributed,
     is_oom,
@@ -126,7 +127,8 @@ def graphed(layer: MoELayer, example: torch.Tensor):
     return run
 
 
-def bench_shape(E, d, f, tokens, policies, ceilings, world, budget_s, deadline):
+def bench_shape(E, d, f, tokens, policies, ceilings, world, budget_s, deadline, save):
+    """Rows for one expert shape; ``save(rows_of_this_shape)`` is called after every row."""
     torch.manual_seed(0)
     layer = MoELayer(d, f, E, k=2).cuda().to(torch.bfloat16).eval()
     local_weight_bytes = sum(p.numel() * p.element_size() for p in layer.experts.parameters())
@@ -177,11 +179,12 @@ def bench_shape(E, d, f, tokens, policies, ceilings, world, budget_s, deadline):
                 if world > 1:  # the ranks may have left different collectives half done: stop here
                     row["aborted"] = "out of memory under expert parallelism; later rows not measured"
                     rows.append(row)
-                    return rows, True
+                    exit_after_oom_under_expert_parallelism(lambda: save(rows))
             free_memory()
             rows.append(row)
+            save(rows)
             print(" ".join(f"{k}={v}" for k, v in row.items()), file=sys.stderr, flush=True)
-    return rows, False
+    return rows
 
 
 def main(argv=None):
@@ -199,12 +202,12 @@ def main(argv=None):
     rows = []
     for shape in a.shapes:
         E, d, f = (int(v) for v in shape.split("x"))
-        shape_rows, aborted = bench_shape(E, d, f, a.tokens, a.policies, ceilings, world, a.budget_s, deadline)
-        rows += shape_rows
-        if rank == 0:  # after every shape, so a later hang or kill keeps what was measured
-            write_json(a.out, {"benchmark": "moe_layer", "run": run_info(), "ceilings": ceilings, "rows": rows})
-        if aborted:
-            break
+        def save(shape_rows, done=list(rows)):  # after every row, so a later hang or kill keeps what was measured
+            if rank == 0:
+                write_json(a.out, {"benchmark": "moe_layer", "run": run_info(), "ceilings": ceilings,
+                                   "rows": done + shape_rows})
+
+        rows += bench_shape(E, d, f, a.tokens, a.policies, ceilings, world, a.budget_s, deadline, save)
     print_table(rows)
 
 

@@ -46,6 +46,7 @@ def time_cuda(fn: Callable[[int], object], warmup: int = 2, repeat: int = 5, bud
         fn(i)
     torch.cuda.synchronize()
     times: List[float] = []
+    world = dist.get_world_size() if dist.is_initialized() else 1
     for i in range(repeat):
         barrier()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -54,7 +55,8 @@ def time_cuda(fn: Callable[[int], object], warmup: int = 2, repeat: int = 5, bud
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
-        if sum(times) / 1000 > budget_s and len(times) >= 2:
+        # all ranks stop together: a rank running one more repeat would wait in its collectives
+        if any_rank(sum(times) / 1000 > budget_s and len(times) >= 2, world):
             break
     return {"median_ms": statistics.median(times), "min_ms": min(times), "repeats": len(times)}
 
@@ -112,17 +114,31 @@ def any_rank(flag: bool, world: int) -> bool:
     return bool(t.item())
 
 
-def moe_rows_per_gpu(model, world: int) -> dict:
-    """Routed top-k rows each GPU's experts computed, summed over all MoE layers of ``model``
-    since their evaluation counters were last reset: max and mean over GPUs."""
+def moe_rows_per_gpu(model, world: int, calls: int = 1) -> dict:
+    """Routed top-k rows each GPU's experts computed per call, summed over all MoE layers of
+    ``model``, from their evaluation counters (reset before the ``calls`` calls): max and mean
+    over GPUs. Static gating computes its padding too (E·C rows per layer), not counted here."""
     from fairseq_moe_infer.moe import MoELayer
 
-    counts = sum(m._eval_counts.clone() for m in model.modules() if isinstance(m, MoELayer))
+    counts = [m._eval_counts.clone() for m in model.modules() if isinstance(m, MoELayer)]
+    if not counts:
+        return {}
+    counts = sum(counts)
     if world > 1:
         dist.all_reduce(counts)
-    per_gpu = counts.view(world, -1).sum(1).double()
-    return {"rows_per_gpu_max": int(per_gpu.max()), "rows_per_gpu_mean": round(float(per_gpu.mean()), 1),
+    per_gpu = counts.view(world, -1).sum(1).double() / calls
+    return {"rows_per_gpu_max": round(float(per_gpu.max()), 1), "rows_per_gpu_mean": round(float(per_gpu.mean()), 1),
             "rows_per_gpu_max_over_mean": round(float(per_gpu.max() / per_gpu.mean()), 3) if per_gpu.sum() else None}
+
+
+def exit_after_oom_under_expert_parallelism(save: Callable[[], None]) -> None:
+    """After an out-of-memory error with several ranks: the ranks may sit in different
+    collectives, so nothing collective is safe any more. Save what was measured (rank 0
+    saves) and end this process with status 75; torchrun then stops the other ranks."""
+    save()
+    print("out of memory under expert parallelism: stopping (results so far are saved by rank 0)",
+          file=sys.stderr, flush=True)
+    os._exit(75)
 
 
 def free_memory() -> None:

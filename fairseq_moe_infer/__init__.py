@@ -26,6 +26,7 @@ checkpoint.install_shard_loader()
 from . import training  # noqa: E402
 
 training.install_checkpoint_save_hook()
+training.install_checkpoint_load_hook()
 
 from . import expert_parallel_eval  # noqa: E402
 

@@ -16,7 +16,8 @@ so that, when the models' experts are sharded:
 
 Token counting follows eval-lm: a batch's ``ntokens`` minus one token per
 sentence when ``remove_bos_token`` (eval-lm also drops tokens scored +-inf,
-which it logs; their count is not seen here).
+which it logs; their count is not seen here). ``--post-process``/``--remove-bpe``
+(eval-lm then scores merged words) is refused under expert parallelism.
 """
 
 import math
@@ -27,6 +28,7 @@ from typing import Iterable, Iterator, List
 import torch
 from torch import nn
 
+from .cli import exit_with_error
 from .moe import MoELayer
 from .training import expert_parallel_world
 
@@ -95,6 +97,12 @@ def _wrap(cli) -> None:
     def eval_lm(models, source_dictionary, batch_iterator, *args, **kwargs):
         if max((expert_parallel_world(m) for m in models), default=1) == 1:
             return original(models, source_dictionary, batch_iterator, *args, **kwargs)
+        if kwargs.get("post_process"):
+            # eval-lm then averages over words (BPE continuations merged), a count this wrapper does not see
+            exit_with_error(
+                "expert-parallel fairseq-eval-lm cannot combine the ranks' losses with --post-process/--remove-bpe; "
+                "drop it, or evaluate on one process"
+            )
         remove_bos = kwargs.get("remove_bos_token", False)
         batches = _MatchedBatches(batch_iterator, models, source_dictionary.eos(), remove_bos)
         results = original(models, source_dictionary, batches, *args, **kwargs)

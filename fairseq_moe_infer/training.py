@@ -12,12 +12,13 @@ gradient norm; this module supplies the rest:
   (they reached it by all-to-all), so it is divided by N once more;
 * **torch DDP** (``--ddp-backend pytorch_ddp``, fairseq's default) is told to
   ignore expert parameters: neither broadcast at start nor all-reduced;
-* **checkpoints** -- fairseq writes on rank 0 only; before each save every rank
-  all-gathers the experts so the checkpoint holds all E of them (any world size,
-  one process included, can load it). The optimizer state is rank 0's only, so
-  expert-parallel checkpoints are written without it (see
-  :func:`install_checkpoint_save_hook`); resuming starts a fresh optimizer and
-  says so;
+* **checkpoints** -- fairseq writes on rank 0 only; before each save the ranks
+  gather their experts on rank 0 so the checkpoint holds all E of them (any world
+  size, one process included, can load it). The optimizer state is rank 0's only,
+  so expert-parallel checkpoints are written without it (see
+  :func:`install_checkpoint_save_hook`); on resume (:func:`install_checkpoint_load_hook`)
+  every rank reads the file itself, the update count and learning-rate schedule
+  continue, and the optimizer moments start fresh, with a warning;
 * **equal batch counts** -- fairseq pads every rank's shard with dummy batches,
   which run the forward pass (and its all-to-alls) with zero loss weight.
 
@@ -98,11 +99,40 @@ def check_training_setup(model: nn.Module, optimizer) -> None:
         exit_with_error(problem)
 
 
+def check_expert_grads_finite(model: nn.Module, optimizer) -> None:
+    """Before the optimizer step of an expert-parallel run: stop every rank alike if any rank's
+    expert gradients overflowed.
+
+    fairseq detects fp16 overflow through the gradient norm, which leaves expert parameters
+    out (each rank holds other experts); an inf in one rank's expert gradients would otherwise
+    step those experts to inf. All ranks agree by an all-reduce; then, as fairseq does for an
+    overflow, the fp16 loss scaler lowers the scale and raises ``OverflowError`` (the update
+    is skipped), or without a scaler ``FloatingPointError`` is raised.
+    """
+    if expert_parallel_world(model) == 1:
+        return
+    import torch
+    import torch.distributed as dist
+
+    grads = [p.grad for p in model.parameters() if getattr(p, "expert", False) and p.grad is not None]
+    device = grads[0].device if grads else next(model.parameters()).device
+    flag = torch.zeros(1, device=device)
+    for g in grads:
+        flag += (~torch.isfinite(g)).any()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(flag)
+    if flag.item() > 0:
+        scaler = getattr(optimizer, "scaler", None)
+        if scaler is not None:
+            scaler.check_overflow(float("inf"))  # lowers the loss scale and raises OverflowError
+        raise FloatingPointError("expert gradients are not finite on some expert-parallel rank")
+
+
 def install_checkpoint_save_hook() -> None:
     """Wrap ``fairseq.checkpoint_utils.save_checkpoint`` (called by every rank of
     ``fairseq-train``) so that expert-parallel runs save all experts.
 
-    Every rank all-gathers its experts, rank 0 writes the checkpoint with the
+    Every rank sends its experts to rank 0 (into CPU memory), rank 0 writes the checkpoint with the
     full [E, ...] stacks, then the copies are dropped. With N > 1 the optimizer
     state is not saved (it would hold rank 0's experts only); a warning says so.
     """
@@ -113,8 +143,10 @@ def install_checkpoint_save_hook() -> None:
     original = checkpoint_utils.save_checkpoint
 
     def save_checkpoint(cfg, trainer, epoch_itr, val_loss):
-        model = trainer.model
-        layers = [m for m in model.modules() if isinstance(m, MoELayer) and m.group is not None]
+        models = [trainer.model]
+        if getattr(trainer, "ema", None) is not None:  # --store-ema: its copy is saved too
+            models.append(trainer.ema.get_model())
+        layers = [m for model in models for m in model.modules() if isinstance(m, MoELayer) and m.group is not None]
         if not layers or cfg.no_save:
             return original(cfg, trainer, epoch_itr, val_loss)
         if not cfg.no_save_optimizer_state:
@@ -133,3 +165,42 @@ def install_checkpoint_save_hook() -> None:
 
     save_checkpoint._moe_wrapped = True
     checkpoint_utils.save_checkpoint = save_checkpoint
+
+
+def install_checkpoint_load_hook() -> None:
+    """Wrap ``fairseq.checkpoint_utils.load_checkpoint`` (called by every rank of
+    ``fairseq-train`` to resume) for expert-parallel runs.
+
+    Every rank reads the checkpoint file itself (``--load-checkpoint-on-all-dp-ranks``):
+    fairseq would otherwise broadcast rank 0's copy, which torch's weights-only load
+    refuses on the other ranks. A checkpoint saved without optimizer state (as
+    expert-parallel ones are) makes fairseq restart the update count and the
+    learning-rate schedule at 0; they are restored from its optimizer history unless
+    ``--reset-optimizer`` / ``--reset-lr-scheduler`` ask otherwise.
+    """
+    from fairseq import checkpoint_utils
+
+    if getattr(checkpoint_utils.load_checkpoint, "_moe_wrapped", False):
+        return
+    original = checkpoint_utils.load_checkpoint
+
+    def load_checkpoint(cfg, trainer, **kwargs):
+        model = getattr(trainer, "_model", None) or trainer.model
+        if expert_parallel_world(model) == 1:
+            return original(cfg, trainer, **kwargs)
+        cfg.load_checkpoint_on_all_dp_ranks = True
+        out = original(cfg, trainer, **kwargs)
+        history = getattr(trainer, "_optim_history", None) or []
+        last = history[-1] if history else {}
+        if not cfg.reset_optimizer and trainer.get_num_updates() == 0 and last.get("num_updates", 0) > 0:
+            if not cfg.reset_lr_scheduler and "lr_scheduler_state" in last:
+                trainer.lr_scheduler.load_state_dict(last["lr_scheduler_state"])
+            trainer.set_num_updates(last["num_updates"])
+            logger.warning(
+                f"resumed expert-parallel training at update {last['num_updates']}: update count and "
+                "learning-rate schedule restored, optimizer moments start fresh (not saved for expert-parallel runs)"
+            )
+        return out
+
+    load_checkpoint._moe_wrapped = True
+    checkpoint_utils.load_checkpoint = load_checkpoint

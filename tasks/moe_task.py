@@ -1,14 +1,15 @@
 """What both ``moe_*`` tasks add to their fairseq base task (a mixin, listed first)."""
 
 from ..inference import configure_moe
-from ..training import check_training_setup, prepare_expert_parallel_training
+from ..training import check_expert_grads_finite, check_training_setup, prepare_expert_parallel_training
 
 
 class MoETaskMixin:
     """Applies ``--moe-gating`` & co. to every model the task builds, prepares
     expert-parallel training when the experts are sharded over several ranks
     (:mod:`fairseq_moe_infer.training`), and checks fairseq's training setup once
-    at the first training step."""
+    at the first training step; before each optimizer step all ranks agree on whether
+    any expert gradient overflowed."""
 
     def build_model(self, cfg, from_checkpoint=False):
         model = super().build_model(cfg, from_checkpoint)
@@ -21,3 +22,7 @@ class MoETaskMixin:
             check_training_setup(model, optimizer)
             self._moe_setup_checked = True
         return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
+
+    def optimizer_step(self, optimizer, model, update_num):
+        check_expert_grads_finite(model, optimizer)
+        super().optimizer_step(optimizer, model, update_num)

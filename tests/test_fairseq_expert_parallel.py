@@ -71,6 +71,34 @@ def test_two_process_expert_parallel_training_equals_one_process(tmp_path):
         torch.testing.assert_close(got[k].float(), ref[k].float(), rtol=0, atol=2e-5, msg=k)
 
 
+def _train_two(tmp_path, port, extra):
+    procs = [
+        subprocess.Popen(
+            tool("train") + [str(a) for a in ARGS] + [
+                "--save-dir", str(tmp_path / "two"), "--distributed-world-size", "2", "--distributed-rank", str(r),
+                "--distributed-init-method", f"tcp://127.0.0.1:{port}", "--distributed-no-spawn",
+                "--distributed-backend", "gloo", "--ddp-backend", "legacy_ddp", "--device-id", "0"] + extra,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for r in (0, 1)
+    ]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:]
+    return outs[0]
+
+
+def test_expert_parallel_resume_continues_the_update_count(tmp_path):
+    """An expert-parallel checkpoint has no optimizer state; resuming must still continue at its update
+    (fairseq alone would restart at 0) and every rank must load it (fairseq's broadcast would be refused
+    by torch's weights-only load on rank 1)."""
+    _train_two(tmp_path, _port(), [])
+    out = _train_two(tmp_path, _port(), ["--max-update", "8"])
+    assert "resumed expert-parallel training at update 6" in out
+    assert re.search(r"num_updates=7\b", out) and not re.search(r"num_updates=1\b", out)
+    state = torch.load(tmp_path / "two" / "checkpoint_last.pt", map_location="cpu", weights_only=False)
+    assert state["optimizer_history"][-1]["num_updates"] == 8
+
+
 def test_training_setup_checks_exit_with_one_line(monkeypatch):
     import fairseq_moe_infer.training as training
 
@@ -114,3 +142,23 @@ def test_two_process_expert_parallel_eval_lm_equals_one_process(tmp_path):
     one = json.loads((tmp_path / "one.json").read_text())
     rank0 = json.loads((tmp_path / "dyn.json").read_text())
     assert one["tokens"] == 15922 and 0 < rank0["tokens"] < 15922  # rank 0's share, no dummy tokens counted
+
+
+def test_non_finite_expert_gradients_skip_the_update_or_stop(monkeypatch):
+    from fairseq.optim.dynamic_loss_scaler import DynamicLossScaler
+
+    import fairseq_moe_infer.training as training
+
+    monkeypatch.setattr(training, "expert_parallel_world", lambda model: 2)
+    model = torch.nn.Linear(3, 3)
+    model.weight.expert = True
+    model.weight.grad = torch.zeros(3, 3)
+    model.bias.grad = torch.full((3,), float("inf"))  # a shared parameter: fairseq's own norm check sees it
+    training.check_expert_grads_finite(model, types.SimpleNamespace(scaler=None))  # experts finite: nothing
+    model.weight.grad[1, 2] = float("nan")
+    scaler = DynamicLossScaler(init_scale=128.0)
+    with pytest.raises(OverflowError):
+        training.check_expert_grads_finite(model, types.SimpleNamespace(scaler=scaler))
+    assert scaler.loss_scale == 64.0
+    with pytest.raises(FloatingPointError):
+        training.check_expert_grads_finite(model, types.SimpleNamespace(scaler=None))

@@ -93,7 +93,7 @@ class Experts(nn.Module):
         ``[global_offset, global_offset + E_local)`` gets exactly those experts of
         the single-process model, without drawing the others.
         """
-        seed = int(torch.randint(0, 2**62, (1,)))
+        seed = int(torch.randint(0, 2**62, (1,), device="cpu"))  # CPU even under ``with torch.device("meta")``
         if self.fc1_weight.is_meta:  # built on the meta device: nothing to fill yet
             return
         for i in range(self.num_local_experts):
@@ -103,6 +103,11 @@ class Experts(nn.Module):
                 with torch.no_grad():
                     w[i].copy_(torch.empty(w.shape[1:]).uniform_(-bound, bound, generator=g))
                     b[i].copy_(torch.empty(b.shape[1:]).uniform_(-bound, bound, generator=g))
+
+    def _dropout_off_at_inference(self) -> bool:
+        """False under fairseq's ``--retain-dropout`` (activation dropout kept at inference)."""
+        d = self.activation_dropout
+        return d.p == 0 or not getattr(d, "apply_during_inference", False)
 
     def _hidden(self, h: Tensor) -> Tensor:
         return self.activation_dropout(self.activation_fn(h))
@@ -143,7 +148,7 @@ class Experts(nn.Module):
     def _forward_grouped_mm(self, x: Tensor, counts: Tensor, expert_of_row: Tensor) -> Tensor:
         offs = counts.cumsum(0).to(torch.int32)
         w1, w2 = self.fc1_weight.transpose(1, 2), self.fc2_weight.transpose(1, 2)
-        if not self.training and fused_available(x, self.activation_name):
+        if not self.training and self._dropout_off_at_inference() and fused_available(x, self.activation_name):
             # inference: bias + activation (+ zeroing of unrouted rows) fused into one pass per GEMM
             h = bias_act_rows_(torch._grouped_mm(x, w1, offs=offs), self.fc1_bias, expert_of_row, self.activation_name)
             return bias_act_rows_(torch._grouped_mm(h, w2, offs=offs), self.fc2_bias, expert_of_row, "identity")
@@ -159,19 +164,21 @@ class Experts(nn.Module):
 
     # ---- checkpoint compatibility -------------------------------------------------
     def gather_for_save(self, group) -> None:
-        """Collect all E experts from the expert-parallel ``group`` (a collective: every
-        rank calls it) so that the next ``state_dict()`` holds the full [E, ...] stacks,
-        loadable by any world size. :meth:`release_gathered` drops the copies."""
+        """Collect all E experts on rank 0 of the expert-parallel ``group`` (a collective: every
+        rank calls it), one tensor at a time and into CPU memory, so that rank 0's next
+        ``state_dict()`` holds the full [E, ...] stacks, loadable by any world size. Other ranks
+        only send. :meth:`release_gathered` drops the copies."""
         import torch.distributed as dist
 
-        world = dist.get_world_size(group)
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
         gathered = {}
         for name in _PARAMS:
             p = getattr(self, name).detach().contiguous()
-            parts = [torch.empty_like(p) for _ in range(world)]
-            dist.all_gather(parts, p, group=group)
-            gathered[name] = torch.cat(parts)
-        self._gathered = gathered
+            parts = [torch.empty_like(p) for _ in range(world)] if rank == 0 else None
+            dist.gather(p, parts, dst=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+            if rank == 0:
+                gathered[name] = torch.cat([t.cpu() for t in parts])
+        self._gathered = gathered if rank == 0 else None
 
     def release_gathered(self) -> None:
         """Forget the copies made by :meth:`gather_for_save`."""

@@ -37,12 +37,13 @@ ACTIVATIONS = {"identity": 0, "relu": 1, "gelu": 2}
 
 
 def fused_available(x: Tensor, activation: Optional[str] = "identity") -> bool:
-    """True where the Triton kernels can run for ``x``: CUDA, Triton present,
-    autograd not recording, and a supported activation (identity, relu, gelu (erf))."""
+    """True where the Triton kernels can run for ``x``: CUDA, Triton present, gradients
+    disabled (``torch.no_grad()``/``inference_mode``, as fairseq's eval-lm and generate run),
+    and a supported activation (identity, relu, gelu (erf))."""
     return (
         triton is not None
         and x.is_cuda
-        and not (torch.is_grad_enabled() and x.requires_grad)
+        and not torch.is_grad_enabled()  # the kernels have no backward: gate or expert grads would be lost
         and activation in ACTIVATIONS
     )
 
@@ -125,6 +126,7 @@ def unpermute_combine(y_sorted: Tensor, inverse: Tensor, weights: Tensor, k: int
         [T, d] in ``y_sorted``'s dtype, accumulated in float32.
     """
     n, d = y_sorted.shape
+    assert y_sorted.stride(1) == 1, "rows must be contiguous"
     n_tokens = n // k
     out = torch.empty(n_tokens, d, dtype=y_sorted.dtype, device=y_sorted.device)
     if n_tokens == 0:
