@@ -99,6 +99,17 @@ def test_expert_parallel_resume_continues_the_update_count(tmp_path):
     assert state["optimizer_history"][-1]["num_updates"] == 8
 
 
+def test_expert_parallel_ema_copy_is_saved_with_all_experts(tmp_path):
+    """--store-ema deep-copies the model (the MoE layers' process group must survive the copy)
+    and saves the copy: it must hold every rank's experts too."""
+    _train_two(tmp_path, _port(), ["--store-ema", "--ema-decay", "0.9"])
+    state = torch.load(tmp_path / "two" / "checkpoint_last.pt", map_location="cpu", weights_only=False)
+    ema, model = state["extra_state"]["ema"], state["model"]
+    for k in (k for k in model if ".moe_layer.experts." in k):
+        assert ema[k].shape == model[k].shape and ema[k].shape[0] == 4
+        assert not torch.equal(ema[k][2:], ema[k][:2])  # rank 1's experts, not rank 0's twice
+
+
 def test_training_setup_checks_exit_with_one_line(monkeypatch):
     import fairseq_moe_infer.training as training
 

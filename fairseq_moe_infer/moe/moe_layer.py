@@ -105,6 +105,21 @@ class MoELayer(nn.Module):
             self._eval_scalars += torch.stack([n, stats.routed, stats.dropped])  # no host sync (CUDA-graph safe)
         return y.view(shape)
 
+    def __getstate__(self):
+        # a process group cannot be copied or pickled (fairseq's --store-ema deep-copies the model):
+        # keep whether the layer is expert parallel and look the group up again on restore;
+        # the last forward's outputs (l_aux, last_stats) are per-step values, not state
+        state = dict(self.__dict__)
+        state["group"], state["_expert_parallel"] = None, self.group is not None
+        state["l_aux"] = state["last_stats"] = None
+        return state
+
+    def __setstate__(self, state):
+        expert_parallel = state.pop("_expert_parallel", False)
+        super().__setstate__(state)
+        if expert_parallel:
+            self.group = expert_parallel_group()[0]
+
     def set_gating(self, gating: str, eval_capacity_token_fraction: float = 0.25) -> None:
         """Switch the dispatcher (``--moe-gating``); weights are untouched.
 
