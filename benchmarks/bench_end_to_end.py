@@ -39,6 +39,7 @@ from benchmarks.common import (  # noqa: E402
     free_memory,
     init_distributed,
     is_oom,
+    log_row,
     moe_rows_per_gpu,
     run_info,
     time_cuda,
@@ -197,7 +198,7 @@ def sweep(run, count, policies, start_tokens, max_tokens, deadline, budget_s, la
             free_memory()
             rows.append(row)
             save(rows)
-            print(" ".join(f"{k}={v}" for k, v in row.items()), file=sys.stderr, flush=True)
+            log_row(row)
             if row.get("oom"):
                 if world > 1:
                     row["aborted"] = "out of memory under expert parallelism; later points not measured"

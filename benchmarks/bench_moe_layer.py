@@ -47,7 +47,9 @@ from benchmarks.common import (  # noqa: E402
     free_memory,
     init_distributed,
     is_oom,
+    log_row,
     measure_ceilings,
+    rows_per_gpu,
     run_info,
     time_cuda,
     write_json,
@@ -58,14 +60,9 @@ POLICIES = {"static-0.25": ("static", 0.25), "static-1.0": ("static", 1.0), "dyn
             "dynamic-graph": ("dynamic", 0.25)}
 
 
-def rows_per_gpu(layer: MoELayer, world: int) -> dict:
-    """Routed rows each GPU's experts computed in the last forward: max and mean over GPUs."""
-    counts = layer.last_stats.expert_counts.clone()
-    if world > 1:
-        torch.distributed.all_reduce(counts)
-    per_gpu = counts.view(world, -1).sum(1).double()
-    out = {"rows_per_gpu_max": int(per_gpu.max()), "rows_per_gpu_mean": round(float(per_gpu.mean()), 1),
-           "rows_per_gpu_max_over_mean": round(float(per_gpu.max() / per_gpu.mean()), 3)}
+def layer_rows_per_gpu(layer: MoELayer, world: int) -> dict:
+    """:func:`~benchmarks.common.rows_per_gpu` of the last forward, plus static gating's padded rows."""
+    out = rows_per_gpu(layer.last_stats.expert_counts, world)
     if layer.last_stats.capacity > 0:
         out["padded_rows_per_gpu"] = layer.last_stats.capacity * layer.num_experts  # E_local * world * C
     return out
@@ -150,7 +147,7 @@ def bench_shape(E, d, f, tokens, policies, ceilings, world, budget_s, deadline, 
             if gating == "static" and static_oom_predicted(T, E, fraction, world):
                 row.update(oom=True, oom_predicted=True)
                 rows.append(row)
-                print(" ".join(f"{k}={v}" for k, v in row.items()), file=sys.stderr, flush=True)
+                log_row(row)
                 continue
             layer.set_gating(gating, fraction)
             try:
@@ -163,7 +160,7 @@ def bench_shape(E, d, f, tokens, policies, ceilings, world, budget_s, deadline, 
                     torch.cuda.synchronize()
                     row["peak_activation_MiB"] = round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
                     row["dropped_pct"] = round(100 * layer.last_stats.dropped.item() / max(layer.last_stats.routed.item(), 1), 2)
-                    row.update(rows_per_gpu(layer, world))
+                    row.update(layer_rows_per_gpu(layer, world))
                     row.update(time_cuda(lambda i: forward(inputs[i % 3]), warmup=2, repeat=10, budget_s=budget_s))
                     if world > 1:
                         a2a = all_to_all_replay_ms(layer, d, world, budget_s)
@@ -183,7 +180,7 @@ def bench_shape(E, d, f, tokens, policies, ceilings, world, budget_s, deadline, 
             free_memory()
             rows.append(row)
             save(rows)
-            print(" ".join(f"{k}={v}" for k, v in row.items()), file=sys.stderr, flush=True)
+            log_row(row)
     return rows
 
 

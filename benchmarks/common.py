@@ -114,21 +114,35 @@ def any_rank(flag: bool, world: int) -> bool:
     return bool(t.item())
 
 
-def moe_rows_per_gpu(model, world: int, calls: int = 1) -> dict:
-    """Routed top-k rows each GPU's experts computed per call, summed over all MoE layers of
-    ``model``, from their evaluation counters (reset before the ``calls`` calls): max and mean
-    over GPUs. Static gating computes its padding too (E·C rows per layer), not counted here."""
-    from fairseq_moe_infer.moe import MoELayer
+def rows_per_gpu(counts: torch.Tensor, world: int, calls: int = 1) -> dict:
+    """Routed top-k rows each GPU's experts computed per call, max and mean over GPUs.
 
-    counts = [m._eval_counts.clone() for m in model.modules() if isinstance(m, MoELayer)]
-    if not counts:
-        return {}
-    counts = sum(counts)
+    Args:
+        counts: [E] int64 rows this rank's tokens sent to each global expert (experts
+            sharded in order over the ``world`` GPUs); all-reduced here when world > 1.
+        calls: forwards the counts were summed over.
+    """
+    counts = counts.clone()
     if world > 1:
         dist.all_reduce(counts)
     per_gpu = counts.view(world, -1).sum(1).double() / calls
     return {"rows_per_gpu_max": round(float(per_gpu.max()), 1), "rows_per_gpu_mean": round(float(per_gpu.mean()), 1),
             "rows_per_gpu_max_over_mean": round(float(per_gpu.max() / per_gpu.mean()), 3) if per_gpu.sum() else None}
+
+
+def moe_rows_per_gpu(model, world: int, calls: int = 1) -> dict:
+    """:func:`rows_per_gpu` summed over all MoE layers of ``model``, from their evaluation
+    counters (reset before the ``calls`` calls). Static gating computes its padding too
+    (E·C rows per layer), not counted here."""
+    from fairseq_moe_infer.moe import MoELayer
+
+    counts = [m._eval_counts for m in model.modules() if isinstance(m, MoELayer)]
+    return rows_per_gpu(sum(counts), world, calls) if counts else {}
+
+
+def log_row(row: dict) -> None:
+    """One measurement as ``key=value`` pairs on stderr (progress while a benchmark runs)."""
+    print(" ".join(f"{k}={v}" for k, v in row.items()), file=sys.stderr, flush=True)
 
 
 def exit_after_oom_under_expert_parallelism(save: Callable[[], None]) -> None:

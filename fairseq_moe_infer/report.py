@@ -112,8 +112,7 @@ class MoERunReport:
 
 
 def _rank_info() -> dict:
-    import torch.distributed as dist
+    from .moe.comm import expert_parallel_group
 
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return {"rank": dist.get_rank(), "world_size": dist.get_world_size()}
-    return {}
+    _, world, rank = expert_parallel_group()
+    return {"rank": rank, "world_size": world} if world > 1 else {}

@@ -28,7 +28,6 @@ or a fully-sharded / SlowMo data-parallel backend.
 """
 
 import logging
-from typing import List
 
 from torch import nn
 
@@ -50,11 +49,6 @@ def expert_parallel_world(model: nn.Module) -> int:
     return 1
 
 
-def expert_parameter_names(model: nn.Module) -> List[str]:
-    """Names (as in ``model.named_parameters()``) of all parameters marked ``expert``."""
-    return [n for n, p in model.named_parameters() if getattr(p, "expert", False)]
-
-
 def prepare_expert_parallel_training(model: nn.Module) -> int:
     """Make ``model`` ready for data-parallel training with sharded experts.
 
@@ -67,11 +61,12 @@ def prepare_expert_parallel_training(model: nn.Module) -> int:
     world = expert_parallel_world(model)
     if world == 1 or getattr(model, "_moe_expert_parallel_prepared", False):
         return world
-    names = expert_parameter_names(model)
-    setattr(model, _ignore_attr, list(getattr(model, _ignore_attr, [])) + names)
+    names = []
     for n, p in model.named_parameters():
-        if n in names:
+        if getattr(p, "expert", False):
+            names.append(n)
             p.register_hook(lambda g, w=world: g / w)
+    setattr(model, _ignore_attr, list(getattr(model, _ignore_attr, [])) + names)
     model._moe_expert_parallel_prepared = True
     logger.info(f"expert parallelism over {world} ranks: {len(names)} expert tensors sharded, excluded from DDP")
     return world

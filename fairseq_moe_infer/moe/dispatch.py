@@ -236,7 +236,8 @@ class DynamicDispatcher(Dispatcher):
             torch.arange(e_local, device=rows.device).repeat(world), recv_counts
         )
         perm = torch.argsort(local_e, stable=True)
-        y_local = experts.forward_grouped(recv[perm], torch.bincount(local_e, minlength=e_local), local_e[perm])
+        local_counts = recv_counts.view(world, e_local).sum(0)  # rows per local expert, from all ranks
+        y_local = experts.forward_grouped(recv[perm], local_counts, local_e[perm])
         y_recv = torch.empty_like(y_local)
         y_recv[perm] = y_local
         back = all_to_all(y_recv, group, out_splits, in_splits)

@@ -27,6 +27,7 @@ from fairseq import utils
 from fairseq.modules.fairseq_dropout import FairseqDropout
 from torch import Tensor, nn
 
+from .gate import MoEConfigError
 from .kernels import bias_act_rows_, fused_available
 
 _PARAMS = ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
@@ -200,8 +201,6 @@ class Experts(nn.Module):
             if t.shape[0] == self.num_global_experts and have != t.shape[0]:
                 state_dict[key] = t[self.global_offset : self.global_offset + have]
             elif t.shape[0] != have:
-                from .gate import MoEConfigError
-
                 raise MoEConfigError(
                     f"{key}: the checkpoint holds {t.shape[0]} experts but the model was built "
                     f"with {self.num_global_experts} (--moe-expert-count {self.num_global_experts}); "
