@@ -40,6 +40,7 @@ from benchmarks.common import (  # noqa: E402
     init_distributed,
     is_oom,
     log_row,
+    measure_ceilings,
     moe_rows_per_gpu,
     run_info,
     time_cuda,
@@ -160,8 +161,13 @@ def mt_generate_runner(model, task, beam: int = 4, out_len: int = 32):
     return run, lambda bt: max(1, bt // out_len) * out_len
 
 
-def sweep(run, count, policies, start_tokens, max_tokens, deadline, budget_s, label, world=1, save=lambda rows: None):
+def sweep(run, count, policies, start_tokens, max_tokens, deadline, budget_s, label, world=1, save=lambda rows: None,
+          cost=None):
     """Double the batch per policy until out of memory, the time budget or ``max_tokens``.
+
+    Each policy gets an equal share of the time left (so the last one is not starved).
+    With ``cost`` (see :func:`floor_ms`) each row also gives its roofline floor and the
+    ratio of the measured time to it.
 
     Returns the rows; ``save(rows_of_this_sweep)`` is called after every row. Under expert
     parallelism an out-of-memory error may leave the ranks in different collectives, so
@@ -171,12 +177,13 @@ def sweep(run, count, policies, start_tokens, max_tokens, deadline, budget_s, la
     from fairseq_moe_infer.moe import MoELayer
 
     rows = []
-    for name in policies:
+    for n_done, name in enumerate(policies):
         set_policy(MODEL[0], name)
+        policy_deadline = time.time() + (deadline - time.time()) / (len(policies) - n_done)
         bt = start_tokens
         while bt <= max_tokens:
             row = {"workload": label, "policy": name, "batch_tokens": count(bt)}
-            if any_rank(time.time() > deadline, world):
+            if any_rank(time.time() > policy_deadline, world):
                 row["skipped"] = "time budget"
                 rows.append(row)
                 break
@@ -190,6 +197,9 @@ def sweep(run, count, policies, start_tokens, max_tokens, deadline, budget_s, la
                     row.update(time_cuda(lambda i: run(bt, i), warmup=1, repeat=3, budget_s=budget_s))
                     row.update(moe_rows_per_gpu(MODEL[0], world, calls=1 + row["repeats"]))
                 row["tokens_per_s"] = round(count(bt) / (row["median_ms"] / 1000), 1)
+                if cost:
+                    row["floor_ms"] = round(floor_ms(count(bt), label, cost), 3)
+                    row["x_floor"] = round(row["median_ms"] / row["floor_ms"], 2)
                 row["peak_memory_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
             except RuntimeError as e:
                 if not is_oom(e):
@@ -210,6 +220,51 @@ def sweep(run, count, policies, start_tokens, max_tokens, deadline, budget_s, la
 
 MODEL = [None]
 
+# shapes of the two paper-like models (see model_argv); k = top-2
+SHAPES = {"lm": {"d": 1024, "f": 4096, "moe_every": 2, "seq": 512, "vocab": 51200},
+          "mt": {"d": 2048, "f": 8192, "moe_every": 4, "seq": 64, "vocab": 32000, "beam": 4, "out_len": 32}}
+
+
+def flops_per_token(kind: str, workload: str, experts: int, layers: int) -> float:
+    """Matmul FLOPs the model must do per counted token (the useful work: top-2 experts, no
+    padding; attention scores over the whole block as fairseq computes them).
+
+    ``lm-eval``: a 512-token block through ``layers`` decoder layers and the output
+    projection; ``mt-encoder``: a 64-token source through the encoder; ``mt-generate``: per
+    generated target token, beam 4 hypotheses each taking a decoder step (self-attention over
+    the prefix, cross-attention over 64 source tokens, output projection) plus the
+    sentence's encoder pass and cross-attention keys/values spread over its 32 tokens.
+    Multiply-accumulates count 2 FLOPs.
+    """
+    s = SHAPES[kind]
+    d, f = s["d"], s["f"]
+
+    def ffn(i):  # MoE on every moe_every-th layer (fairseq's --moe-freq), else dense
+        return 2 * 2 * d * f + d * experts if (i + 1) % s["moe_every"] == 0 else 2 * d * f
+
+    def self_layers(ctx):
+        return sum(4 * d * d + 2 * ctx * d + ffn(i) for i in range(layers))
+
+    if workload == "lm-eval":
+        macs = self_layers(s["seq"]) + s["vocab"] * d
+    elif workload == "mt-encoder":
+        macs = self_layers(s["seq"])
+    else:
+        n, beam, src = s["out_len"], s["beam"], s["seq"]
+        decoder_steps = sum(self_layers(t) + layers * (2 * d * d + 2 * src * d) + s["vocab"] * d for t in range(1, n + 1))
+        per_sentence = src * self_layers(src) + beam * decoder_steps + beam * layers * 2 * d * d * src
+        macs = per_sentence / n
+    return 2.0 * macs
+
+
+def floor_ms(tokens: int, workload: str, cost: dict) -> float:
+    """Roofline floor of one call: max(FLOPs / measured bf16 matmul rate, weight bytes read /
+    measured copy rate). Weights are read once per forward (per decoder step in generate)."""
+    flops = tokens * cost["flops_per_token"][workload]
+    c = cost["ceilings"]
+    return 1000 * max(flops / (c["bf16_matmul_tflops"] * 1e12),
+                      cost["weight_bytes_per_call"][workload] / (c["copy_GBps_read_plus_write"] * 1e9))
+
 
 def summarize(rows):
     best = {}
@@ -222,6 +277,9 @@ def summarize(rows):
     for (workload, policy), r in best.items():
         out.setdefault(workload, {})[policy] = {"max_tokens_per_s": r["tokens_per_s"], "at_batch_tokens": r["batch_tokens"],
                                                  "peak_memory_GiB": r["peak_memory_GiB"]}
+        for key in ("x_floor", "rows_per_gpu_max_over_mean"):
+            if key in r:
+                out[workload][policy][key] = r[key]
     for workload, pol in out.items():
         if "dynamic" in pol:
             for s in ("static-0.25", "static-1.0"):
@@ -239,7 +297,7 @@ def main(argv=None):
     p.add_argument("--workloads", nargs="+", default=["mt-encoder", "mt-generate"], choices=["mt-encoder", "mt-generate"],
                    help="MT workloads to run (--model mt)")
     p.add_argument("--generate-start-tokens", type=int, default=256, help="first generated-token batch of mt-generate")
-    p.add_argument("--start-tokens", type=int, default=2048)
+    p.add_argument("--start-tokens", type=int, default=512, help="first batch (tokens per GPU) of lm-eval / mt-encoder")
     p.add_argument("--max-tokens", type=int, default=262144)
     p.add_argument("--budget-s", type=float, default=3.0, help="timed seconds per point at most")
     p.add_argument("--max-minutes", type=float, default=10.0)
@@ -255,6 +313,21 @@ def main(argv=None):
     info = {"build_seconds": round(time.time() - t0, 1), "parameters_per_gpu": n_params,
             "weights_GiB_per_gpu": round(torch.cuda.memory_allocated() / 2**30, 2)}
     print(info, file=sys.stderr, flush=True)
+
+    def weight_bytes(module):
+        return sum(p.numel() * p.element_size() for p in module.parameters())
+
+    n_out = SHAPES["mt"]["out_len"]
+    cost = {"ceilings": measure_ceilings(),
+            "flops_per_token": {w: flops_per_token(a.model, w, a.experts, layers)
+                                for w in (["lm-eval"] if a.model == "lm" else ["mt-encoder", "mt-generate"])},
+            "weight_bytes_per_call": ({"lm-eval": weight_bytes(model)} if a.model == "lm" else
+                                      {"mt-encoder": weight_bytes(model.encoder),
+                                       "mt-generate": weight_bytes(model.encoder) + n_out * weight_bytes(model.decoder)})}
+    if world > 1:  # every GPU does its own tokens' work: the floor is per GPU
+        cost["note"] = "per GPU: its own batch's FLOPs, its own weight bytes"
+    info["floor"] = cost
+    print(cost, file=sys.stderr, flush=True)
     rows = []
 
     def save(sweep_rows=()):  # after every row, so a later hang or kill keeps what was measured
@@ -265,17 +338,18 @@ def main(argv=None):
 
     if a.model == "lm":
         run, count = lm_runner(model, task)
-        rows += sweep(run, count, a.policies, a.start_tokens, a.max_tokens, deadline, a.budget_s, "lm-eval", world, save)
+        rows += sweep(run, count, a.policies, a.start_tokens, a.max_tokens, deadline, a.budget_s, "lm-eval", world, save,
+                      cost)
     else:
         if "mt-encoder" in a.workloads:
             run, count = mt_encoder_runner(model, task)
             half = deadline - 60 * a.max_minutes / 2 if "mt-generate" in a.workloads else deadline
             rows += sweep(run, count, a.policies, a.start_tokens, a.max_tokens, half, a.budget_s, "mt-encoder", world,
-                          save)
+                          save, cost)
         if "mt-generate" in a.workloads:
             run, count = mt_generate_runner(model, task)
             rows += sweep(run, count, a.policies, a.generate_start_tokens, a.max_tokens // 8, deadline, a.budget_s,
-                          "mt-generate", world, save)
+                          "mt-generate", world, save, cost)
     save()
     summary = summarize(rows)
     for workload, pol in summary.items():

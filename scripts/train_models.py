@@ -33,8 +33,7 @@ COMMON = [
     "--optimizer", "adam", "--adam-betas", "(0.9,0.98)", "--lr", "1e-3", "--lr-scheduler", "inverse_sqrt",
     "--warmup-updates", "600", "--dropout", "0.3", "--attention-dropout", "0.1", "--fp16",
     "--moe-gating-use-fp32", "--seed", "1", "--num-workers", "2", "--log-format", "simple",
-    "--log-interval", "100", "--no-epoch-checkpoints", "--save-interval-updates", "250",
-    "--keep-interval-updates", "4", "--validate-interval", "5",
+    "--log-interval", "100", "--no-epoch-checkpoints", "--validate-interval", "5",
 ]
 MT = ["--task", "moe_translation", "--arch", "transformer_moe_small", "--source-lang", "src", "--target-lang", "tgt",
       "--criterion", "moe_label_smoothed_cross_entropy", "--label-smoothing", "0.1", "--weight-decay", "0.0001",
@@ -66,7 +65,9 @@ def command(name: str, a) -> list:
     gating = ["--moe-gating", a.moe_gating] if name.endswith("_moe") else []
     return [
         sys.executable, "-m", "fairseq_cli.train", os.path.join(a.data_bin, kind), "--user-dir", USER_DIR,
-        *flags, "--max-tokens", str(tokens), *gating, *common, "--max-update", str(updates),
+        *flags, "--max-tokens", str(tokens), *gating, *common, "--save-interval-updates", str(a.save_interval_updates),
+        "--keep-interval-updates", str(a.keep_interval_updates),
+        "--max-update", str(updates),
         "--stop-time-hours", f"{a.stop_minutes / 60:.4f}", "--save-dir", os.path.join(a.save_root, name),
     ]
 
@@ -87,6 +88,12 @@ def main(argv=None):
     p.add_argument("--stop-minutes", type=float, default=60.0, help="wall-clock limit of each run")
     p.add_argument("--export-dir", default=None, help="write averaged fp16 serving checkpoints here")
     p.add_argument("--average", type=int, default=4, help="interval checkpoints to average on export")
+    p.add_argument("--save-interval-updates", type=int, default=250, help="updates between interval checkpoints")
+    p.add_argument("--keep-interval-updates", type=int, default=4,
+                   help="interval checkpoints each run keeps (raise it with --match-updates)")
+    p.add_argument("--match-updates", action="store_true",
+                   help="export (and evaluate) every run at the last interval checkpoint all runs reached, so "
+                        "MoE and dense are compared at the same number of updates when a run stops on --stop-minutes")
     p.add_argument("--cpu", action="store_true", help="train on the CPU in float32 (smoke tests)")
     p.add_argument("--evaluate", action="store_true",
                    help="run scripts/evaluate.py on each exported model as soon as its training ends")
@@ -107,10 +114,19 @@ def main(argv=None):
         for name, (proc, cmd, t0) in procs.items():
             if name in cards or proc.poll() is None:
                 continue
-            cards[name] = finish(name, proc.returncode, cmd, time.time() - t0, a)
+            cards[name] = finish(name, proc.returncode, cmd, time.time() - t0, a, export_now=not a.match_updates)
             if a.evaluate and proc.returncode == 0 and "export" in cards[name]:
                 evals[name] = start_evaluation(name, a)
         time.sleep(2)
+    if a.match_updates and a.export_dir:
+        common = min(max(interval_checkpoints(os.path.join(a.save_root, n)), default=0) for n in cards)
+        print(f"[train] exporting every run at update {common}", file=sys.stderr, flush=True)
+        for name, card in cards.items():
+            if card["returncode"] == 0 and common:
+                card["export"] = export(name, a, upto=common)
+                write_card(card, a)
+                if a.evaluate:
+                    evals[name] = start_evaluation(name, a)
     for name, proc in evals.items():
         cards[name]["evaluation_returncode"] = proc.wait()
     print(json.dumps(cards))
@@ -118,19 +134,32 @@ def main(argv=None):
         sys.exit(1)
 
 
-def finish(name: str, rc: int, cmd: list, wall: float, a) -> dict:
-    """Write the model card of a finished run (and export it)."""
+def finish(name: str, rc: int, cmd: list, wall: float, a, export_now: bool = True) -> dict:
+    """Write the model card of a finished run (and export it unless ``export_now`` is False)."""
     with open(os.path.join(a.save_root, name, "train.log")) as f:
         lines = f.read().splitlines()
     last = [ln for ln in lines if "| train |" in ln or "| valid |" in ln][-2:]
     card = {"name": name, "returncode": rc, "wall_seconds": round(wall, 1), "device": device_name(),
             "command": "fairseq-train " + " ".join(cmd[3:]).replace(REPO + "/", ""), "last_log_lines": last}
-    if a.export_dir and rc == 0:
+    if a.export_dir and rc == 0 and export_now:
         card["export"] = export(name, a)
-    with open(os.path.join(a.save_root, name, "model_card.json"), "w") as f:
-        json.dump(card, f, indent=1)
+    write_card(card, a)
     print(f"[train] {name}: exit {rc} after {wall:.0f}s; {last[-1] if last else ''}", file=sys.stderr, flush=True)
     return card
+
+
+def write_card(card: dict, a) -> None:
+    with open(os.path.join(a.save_root, card["name"], "model_card.json"), "w") as f:
+        json.dump(card, f, indent=1)
+
+
+def interval_checkpoints(folder: str) -> dict:
+    """{update: file name} of fairseq's ``checkpoint_<epoch>_<update>.pt`` files in ``folder``."""
+    return {
+        int(f.split("_")[-1][:-3]): f
+        for f in os.listdir(folder)
+        if f.startswith("checkpoint_") and f.endswith(".pt") and f.count("_") == 2 and f.split("_")[-1][:-3].isdigit()
+    }
 
 
 def start_evaluation(name: str, a) -> subprocess.Popen:
@@ -145,16 +174,14 @@ def start_evaluation(name: str, a) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
 
 
-def export(name: str, a) -> dict:
+def export(name: str, a, upto: int = None) -> dict:
+    """Average the last ``--average`` interval checkpoints (at most update ``upto``) into fp16 serving files."""
     sys.path.insert(0, REPO)
     from fairseq_moe_infer.checkpoint import export_checkpoint
 
     folder = os.path.join(a.save_root, name)
-    ckpts = sorted(
-        (f for f in os.listdir(folder) if f.startswith("checkpoint_") and f.endswith(".pt") and "_best" not in f
-         and "_last" not in f),
-        key=lambda f: int(f.split("_")[-1][:-3]),
-    )[-a.average:]
+    found = interval_checkpoints(folder)
+    ckpts = [found[u] for u in sorted(found) if upto is None or u <= upto][-a.average:]
     if not ckpts:
         ckpts = ["checkpoint_last.pt"]
     out = os.path.join(a.export_dir, name, "checkpoint.pt")
