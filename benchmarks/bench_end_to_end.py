@@ -181,11 +181,19 @@ def sweep(run, count, policies, start_tokens, max_tokens, deadline, budget_s, la
         set_policy(MODEL[0], name)
         policy_deadline = time.time() + (deadline - time.time()) / (len(policies) - n_done)
         bt = start_tokens
+        peaks = []  # GiB of the points measured so far (this policy, doubling batches)
         while bt <= max_tokens:
             row = {"workload": label, "policy": name, "batch_tokens": count(bt)}
             if any_rank(time.time() > policy_deadline, world):
                 row["skipped"] = "time budget"
                 rows.append(row)
+                break
+            predicted = predict_peak_GiB(peaks)
+            if any_rank(predicted is not None and predicted > MEMORY_HEADROOM * total_GiB(), world):
+                row["skipped"] = f"predicted out of memory ({predicted:.0f} GiB on this GPU)"
+                rows.append(row)
+                save(rows)
+                log_row(row)
                 break
             try:
                 with torch.no_grad():
@@ -201,6 +209,7 @@ def sweep(run, count, policies, start_tokens, max_tokens, deadline, budget_s, la
                     row["floor_ms"] = round(floor_ms(count(bt), label, cost), 3)
                     row["x_floor"] = round(row["median_ms"] / row["floor_ms"], 2)
                 row["peak_memory_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+                peaks.append(row["peak_memory_GiB"])
             except RuntimeError as e:
                 if not is_oom(e):
                     raise
@@ -219,6 +228,27 @@ def sweep(run, count, policies, start_tokens, max_tokens, deadline, budget_s, la
 
 
 MODEL = [None]
+MEMORY_HEADROOM = 0.95  # skip a point predicted above this share of the GPU's memory
+
+
+def total_GiB() -> float:
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30
+
+
+def predict_peak_GiB(peaks):
+    """Peak memory of the next (doubled) batch from the last measured ones, or None with
+    fewer than two. Three points: the quadratic through them (memory grows as a + bT + cT^2:
+    static gating's one-hot [T, E, C] tensors are quadratic, activations linear), evaluated
+    at twice the last batch: 8 p1 - 14 p2 + 7 p3. Two points: the last increment times 4
+    (the quadratic's worst case). Under expert parallelism an out-of-memory error may leave
+    the ranks in different collectives, so such points are predicted and skipped instead.
+    """
+    if len(peaks) >= 3:
+        p1, p2, p3 = peaks[-3:]
+        return max(8 * p1 - 14 * p2 + 7 * p3, p3)
+    if len(peaks) == 2:
+        return peaks[1] + 4 * max(peaks[1] - peaks[0], 0.0)
+    return None
 
 # shapes of the two paper-like models (see model_argv); k = top-2
 SHAPES = {"lm": {"d": 1024, "f": 4096, "moe_every": 2, "seq": 512, "vocab": 51200},

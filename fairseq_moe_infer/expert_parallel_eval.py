@@ -84,9 +84,12 @@ def install_eval_lm_hook() -> None:
     except ImportError:  # pragma: no cover - fairseq without its CLI
         return
     _wrap(cli)
-    main = sys.modules.get("__main__")  # ``python -m fairseq_cli.eval_lm`` runs a second copy as __main__
-    if main is not None and (getattr(main, "__file__", "") or "").endswith(os.path.join("fairseq_cli", "eval_lm.py")):
-        _wrap(main)
+    # ``python -m fairseq_cli.eval_lm`` runs a second copy as __main__; in the workers that fairseq
+    # spawns for --distributed-world-size, multiprocessing re-runs it as __mp_main__
+    for name in ("__main__", "__mp_main__"):
+        main = sys.modules.get(name)
+        if main is not None and (getattr(main, "__file__", "") or "").endswith(os.path.join("fairseq_cli", "eval_lm.py")):
+            _wrap(main)
 
 
 def _wrap(cli) -> None:
@@ -117,3 +120,9 @@ def _wrap(cli) -> None:
 
     eval_lm._moe_wrapped = True
     cli.eval_lm = eval_lm
+    # ``main`` looks ``eval_lm`` up in its own globals, which are not the module's dict when
+    # multiprocessing re-ran the script for a spawned worker (it copies the globals into a new
+    # module): patch them as well
+    main = getattr(cli, "main", None)
+    if main is not None and getattr(main, "__globals__", None) is not None:
+        main.__globals__["eval_lm"] = eval_lm

@@ -13,6 +13,7 @@ import os
 import re
 import socket
 import subprocess
+import sys
 import types
 
 import pytest
@@ -153,6 +154,36 @@ def test_two_process_expert_parallel_eval_lm_equals_one_process(tmp_path):
     one = json.loads((tmp_path / "one.json").read_text())
     rank0 = json.loads((tmp_path / "dyn.json").read_text())
     assert one["tokens"] == 15922 and 0 < rank0["tokens"] < 15922  # rank 0's share, no dummy tokens counted
+
+
+_SPAWN_AS_PYTHON_M = (
+    "import runpy, sys, torch; torch.cuda.device_count = lambda: 2; sys.argv[0] = 'fairseq-eval-lm'; "
+    "runpy.run_module('fairseq_cli.eval_lm', run_name='__main__', alter_sys=True)"
+)
+
+
+def test_eval_lm_workers_spawned_by_fairseq_from_python_m(tmp_path):
+    """``python -m fairseq_cli.eval_lm --distributed-world-size 2`` without ranks given: fairseq spawns the
+    workers itself and multiprocessing re-runs the module in each, copying its globals into a new module.
+    The hook must reach that copy's ``main`` too, else the ranks' 4 + 3 batches (one empty) hang in an
+    all-to-all and each rank prints its own perplexity (seen on 2 H200s). The parent here claims two
+    GPUs so that fairseq spawns; the workers run on the CPU with gloo."""
+    from .helpers import ASSETS
+
+    args = [os.path.join(ASSETS, "lm"), "--path", os.path.join(ASSETS, "checkpoints", "lm_moe", "checkpoint.pt"),
+            "--user-dir", USER_DIR, "--task", "moe_language_modeling", "--gen-subset", "test1",
+            "--tokens-per-sample", "256", "--max-tokens", "2560", "--cpu", "--moe-gating", "dynamic",
+            "--distributed-world-size", "2", "--distributed-backend", "gloo"]
+    proc = subprocess.Popen([sys.executable, "-c", _SPAWN_AS_PYTHON_M] + args, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        text = proc.communicate(timeout=300)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        pytest.fail("spawned expert-parallel eval-lm hung (ranks' all-to-alls unmatched)")
+    assert proc.returncode == 0, text[-3000:]
+    assert re.search(r"all ranks 4.7702 on 15,922 tokens", text), text[-3000:]
+    assert "Perplexity: 27.29" in text  # the one-process value (test above, and the README's main job)
 
 
 def test_non_finite_expert_gradients_skip_the_update_or_stop(monkeypatch):
