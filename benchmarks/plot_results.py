@@ -4,11 +4,10 @@ Writes, for whichever inputs exist:
 
 * ``moe_layer_h200.png`` / ``moe_layer_2xh200.png``: one row per expert shape (E x d x f); left, forward
   time of one MoE layer vs tokens per GPU with the roofline floor dashed; right, peak activation memory.
-* ``e2e_throughput.png``: end-to-end tokens/s vs batch tokens for lm-eval (1xH200 and 2xH200 expert
-  parallel), mt-encoder and mt-generate. The dynamic-only mt-generate rows of
-  ``e2e_mt_generate_dynamic_h200.json`` (a later run with larger batches) are merged into mt-generate.
+* ``e2e_throughput.png``: end-to-end tokens/s vs batch tokens for lm-eval (E=128 on 1x and 2x H200,
+  E=512 on 1x), mt-encoder and mt-generate (1x and 2x H200, expert parallel on 2).
 
-Out-of-memory points are marked with an 'x' at the top of the axis and labelled "OOM".
+Out-of-memory points (measured, or predicted and skipped) are marked with an 'x' at the top of the axis.
 
 Usage: python benchmarks/plot_results.py [--results-dir benchmarks/results]
 """
@@ -117,15 +116,25 @@ def plot_e2e(results_dir, out):
         path = os.path.join(results_dir, name)
         if not os.path.exists(path):
             return []
-        return [r for r in load(path)["rows"] if r["workload"] == workload and "skipped" not in r]
+        rows = []
+        for r in load(path)["rows"]:
+            if r["workload"] != workload:
+                continue
+            if str(r.get("skipped", "")).startswith("predicted out of memory"):
+                r = dict(r, oom=True)  # predicted and skipped: drawn like a measured OOM
+            elif "skipped" in r:
+                continue
+            rows.append(r)
+        return rows
 
-    mt_gen = {(r["policy"], r["batch_tokens"]): r for r in rows_of("e2e_mt_h200.json", "mt-generate")}
-    mt_gen.update({(r["policy"], r["batch_tokens"]): r for r in rows_of("e2e_mt_generate_dynamic_h200.json", "mt-generate")})
     panels = [
-        ("lm-eval (language model scoring), 1x H200", rows_of("e2e_lm_h200.json", "lm-eval")),
-        ("lm-eval, 2x H200 expert parallel (batch and tokens/s per GPU)", rows_of("e2e_lm_2xh200.json", "lm-eval")),
+        ("lm-eval (language model scoring), E=128, 1x H200", rows_of("e2e_lm_h200.json", "lm-eval")),
+        ("lm-eval, E=128, 2x H200 expert parallel\n(batch and tokens/s per GPU)", rows_of("e2e_lm_2xh200.json", "lm-eval")),
+        ("lm-eval, E=512, 1x H200", rows_of("e2e_lm512_h200.json", "lm-eval")),
         ("mt-encoder (translation encoder forward), 1x H200", rows_of("e2e_mt_h200.json", "mt-encoder")),
-        ("mt-generate (beam 4, 32 target tokens), 1x H200\n(dynamic >= 2k tokens from a later run)", list(mt_gen.values())),
+        ("mt-encoder, 2x H200 expert parallel (per GPU)", rows_of("e2e_mt_2xh200.json", "mt-encoder")),
+        ("mt-generate (beam 4, 32 target tokens), 1x H200", rows_of("e2e_mt_h200.json", "mt-generate")),
+        ("mt-generate, 2x H200 expert parallel (per GPU)", rows_of("e2e_mt_2xh200.json", "mt-generate")),
     ]
     panels = [p for p in panels if p[1]]
     ncols = 2 if len(panels) > 1 else 1

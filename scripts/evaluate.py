@@ -37,6 +37,7 @@ sys.path.insert(0, os.path.join(REPO, "scripts"))
 from bleu import read_hypotheses, score  # noqa: E402
 
 USER_DIR = os.path.join(REPO, "fairseq_moe_infer")
+_ALL_RANKS = re.compile(r"expert parallel: this rank's loss .* all ranks [0-9.]+ on ([0-9,]+) tokens")
 _PPL = re.compile(r"Loss \(base 2\): ([0-9.]+), Perplexity: ([0-9.]+)")
 _EVALUATED = re.compile(r"Evaluated ([0-9,]+) tokens in ([0-9.]+)s")
 
@@ -78,18 +79,34 @@ def moe_flags(a, stats_path: str):
 
 
 def moe_brief(stats_path: str) -> dict:
-    """tokens/s, drops and tokens per expert from a ``--moe-stats-json`` file (empty if dense)."""
+    """tokens/s, drops and tokens per expert from a ``--moe-stats-json`` file (empty if dense).
+
+    Under expert parallelism each rank r > 0 wrote ``<stats_path>.rank<r>`` with its own
+    tokens: counts are summed over the ranks, tokens/s too (each rank's own rate, the ranks run
+    side by side), peak memory is the largest rank's.
+    """
     if not os.path.exists(stats_path):
         return {}
     with open(stats_path) as f:
-        s = json.load(f)
-    return {
-        "moe_tokens_per_s": s["tokens_per_s"],
-        "moe_dropped": s["dropped"],
-        "moe_routed": s["routed"],
-        "peak_accelerator_memory_bytes": s["peak_accelerator_memory_bytes"],
-        "tokens_per_expert": {k: v["expert_counts"] for k, v in s["layers"].items()},
+        ranks = [json.load(f)]
+    for r in range(1, int(ranks[0].get("world_size") or 1)):
+        with open(f"{stats_path}.rank{r}") as f:
+            ranks.append(json.load(f))
+    peaks = [s["peak_accelerator_memory_bytes"] for s in ranks if s["peak_accelerator_memory_bytes"] is not None]
+    layers = {}
+    for s in ranks:
+        for name, v in s["layers"].items():
+            layers[name] = [a + b for a, b in zip(layers.get(name, [0] * len(v["expert_counts"])), v["expert_counts"])]
+    brief = {
+        "moe_tokens_per_s": round(sum(s["tokens_per_s"] for s in ranks), 1),
+        "moe_dropped": sum(s["dropped"] for s in ranks),
+        "moe_routed": sum(s["routed"] for s in ranks),
+        "peak_accelerator_memory_bytes": max(peaks) if peaks else None,
+        "tokens_per_expert": layers,
     }
+    if len(ranks) > 1:
+        brief["ranks"] = len(ranks)
+    return brief
 
 
 def moe_line(r: dict) -> str:
@@ -152,6 +169,9 @@ def evaluate_lm(a, out_dir: str) -> dict:
         if not m:
             raise RuntimeError(f"no perplexity in the eval-lm output of {name}")
         tokens = int(n.group(1).replace(",", "")) if n else None
+        every_rank = _ALL_RANKS.search(text)  # expert-parallel eval-lm: the tokens of all ranks
+        if every_rank:
+            tokens = int(every_rank.group(1).replace(",", ""))
         r = {"perplexity": float(m.group(2)), "loss_base2": float(m.group(1)), "tokens": tokens}
         r.update(moe_brief(stats))
         r["seconds"] = round(time.time() - t0, 1)
