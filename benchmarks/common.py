@@ -136,7 +136,7 @@ def moe_rows_per_gpu(model, world: int, calls: int = 1) -> dict:
     (E·C rows per layer), not counted here."""
     from fairseq_moe_infer.moe import MoELayer
 
-    counts = [m._eval_counts for m in model.modules() if isinstance(m, MoELayer)]
+    counts = [m.eval_expert_counts() for m in model.modules() if isinstance(m, MoELayer)]
     return rows_per_gpu(sum(counts), world, calls) if counts else {}
 
 

@@ -26,6 +26,7 @@ from typing import Dict, List
 import torch
 from fairseq import checkpoint_utils
 
+from .cli import exit_with_error, in_fairseq_tool
 from .moe.experts import stack_per_expert_keys
 
 SHARDS_KEY = "moe_expert_shards"
@@ -86,7 +87,12 @@ def install_shard_loader() -> None:
 
     def load_checkpoint_to_cpu(path, arg_overrides=None, load_on_all_ranks=False):
         state = original(path, arg_overrides, load_on_all_ranks)
-        return _merge_shards(state, path)
+        try:
+            return _merge_shards(state, path)
+        except (FileNotFoundError, RuntimeError) as e:
+            if in_fairseq_tool():  # one line naming the fix instead of a traceback
+                exit_with_error(str(e))
+            raise
 
     load_checkpoint_to_cpu._moe_shards = True
     load_checkpoint_to_cpu.__doc__ = original.__doc__

@@ -32,19 +32,20 @@ from .cli import exit_with_error
 from .moe import MoELayer
 from .training import expert_parallel_world
 
+ALL_RANKS_LINE = "expert parallel: this rank's loss (base 2) {:.4f} on {:,} tokens; all ranks {:.4f} on {:,} tokens"
+
 
 def _dummy_forward(models: List[nn.Module], eos: int) -> None:
     """One forward of a single EOS token through each model, leaving MoE counters as they were."""
     for model in models:
         layers = [m for m in model.modules() if isinstance(m, MoELayer)]
-        saved = [(m._eval_counts.clone(), m._eval_scalars.clone()) for m in layers]
+        saved = [m.eval_counters() for m in layers]
         device = next(model.parameters()).device
         tokens = torch.full((1, 1), eos, dtype=torch.long, device=device)
         with torch.no_grad():
             model(src_tokens=tokens, src_lengths=torch.ones(1, dtype=torch.long, device=device))
-        for m, (counts, scalars) in zip(layers, saved):
-            m._eval_counts.copy_(counts)
-            m._eval_scalars.copy_(scalars)
+        for m, counters in zip(layers, saved):
+            m.restore_eval_counters(counters)
 
 
 class _MatchedBatches:
@@ -110,10 +111,7 @@ def _wrap(cli) -> None:
         batches = _MatchedBatches(batch_iterator, models, source_dictionary.eos(), remove_bos)
         results = original(models, source_dictionary, batches, *args, **kwargs)
         out = _combine_over_ranks(results, batches.tokens, next(models[0].parameters()).device)
-        cli.logger.info(
-            "expert parallel: this rank's loss (base 2) {:.4f} on {:,} tokens; all ranks {:.4f} on {:,} tokens".format(
-                results["loss"], batches.tokens, out["loss"], out["tokens_all_ranks"])
-        )
+        cli.logger.info(ALL_RANKS_LINE.format(results["loss"], batches.tokens, out["loss"], out["tokens_all_ranks"]))
         if not math.isfinite(out["loss"]):
             raise FloatingPointError("expert-parallel eval-lm: the combined loss is not finite")
         return out
@@ -124,5 +122,5 @@ def _wrap(cli) -> None:
     # multiprocessing re-ran the script for a spawned worker (it copies the globals into a new
     # module): patch them as well
     main = getattr(cli, "main", None)
-    if main is not None and getattr(main, "__globals__", None) is not None:
+    if main is not None and getattr(main, "__globals__", {}).get("eval_lm") is original:
         main.__globals__["eval_lm"] = eval_lm

@@ -24,6 +24,7 @@ Example:
 """
 
 import argparse
+import glob
 import json
 import os
 import re
@@ -70,8 +71,8 @@ def run_tool(module: str, args, stdout_path: str) -> str:
 
 
 def moe_flags(a, stats_path: str):
-    if os.path.exists(stats_path):  # a dense model writes none: never report an earlier run's
-        os.remove(stats_path)
+    for old in [stats_path] + glob.glob(glob.escape(stats_path) + ".rank*"):  # never report an earlier run's
+        os.remove(old)  # (a dense model writes none; an expert-parallel run adds one per rank r > 0)
     flags = ["--moe-gating", a.moe_gating, "--moe-stats-json", stats_path]
     if a.moe_eval_capacity_token_fraction is not None:
         flags += ["--moe-eval-capacity-token-fraction", a.moe_eval_capacity_token_fraction]
@@ -83,29 +84,36 @@ def moe_brief(stats_path: str) -> dict:
 
     Under expert parallelism each rank r > 0 wrote ``<stats_path>.rank<r>`` with its own
     tokens: counts are summed over the ranks, tokens/s too (each rank's own rate, the ranks run
-    side by side), peak memory is the largest rank's.
+    side by side), peak memory is the largest rank's. A missing rank file is named in
+    ``ranks_missing`` (the sums then cover the ranks found).
     """
     if not os.path.exists(stats_path):
         return {}
     with open(stats_path) as f:
         ranks = [json.load(f)]
-    for r in range(1, int(ranks[0].get("world_size") or 1)):
-        with open(f"{stats_path}.rank{r}") as f:
-            ranks.append(json.load(f))
+    world = int(ranks[0].get("world_size") or 1)
+    missing = [r for r in range(1, world) if not os.path.exists(f"{stats_path}.rank{r}")]
+    for r in range(1, world):
+        if r not in missing:
+            with open(f"{stats_path}.rank{r}") as f:
+                ranks.append(json.load(f))
     peaks = [s["peak_accelerator_memory_bytes"] for s in ranks if s["peak_accelerator_memory_bytes"] is not None]
+    rates = [s["tokens_per_s"] for s in ranks if s["tokens_per_s"] is not None]
     layers = {}
     for s in ranks:
         for name, v in s["layers"].items():
             layers[name] = [a + b for a, b in zip(layers.get(name, [0] * len(v["expert_counts"])), v["expert_counts"])]
     brief = {
-        "moe_tokens_per_s": round(sum(s["tokens_per_s"] for s in ranks), 1),
+        "moe_tokens_per_s": round(sum(rates), 1) if rates else None,
         "moe_dropped": sum(s["dropped"] for s in ranks),
         "moe_routed": sum(s["routed"] for s in ranks),
         "peak_accelerator_memory_bytes": max(peaks) if peaks else None,
         "tokens_per_expert": layers,
     }
-    if len(ranks) > 1:
-        brief["ranks"] = len(ranks)
+    if world > 1:
+        brief["ranks"] = world
+    if missing:
+        brief["ranks_missing"] = missing
     return brief
 
 

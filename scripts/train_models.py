@@ -89,8 +89,8 @@ def main(argv=None):
     p.add_argument("--export-dir", default=None, help="write averaged fp16 serving checkpoints here")
     p.add_argument("--average", type=int, default=4, help="interval checkpoints to average on export")
     p.add_argument("--save-interval-updates", type=int, default=250, help="updates between interval checkpoints")
-    p.add_argument("--keep-interval-updates", type=int, default=4,
-                   help="interval checkpoints each run keeps (raise it with --match-updates)")
+    p.add_argument("--keep-interval-updates", type=int, default=None,
+                   help="interval checkpoints each run keeps (default 4; with --match-updates all: -1)")
     p.add_argument("--match-updates", action="store_true",
                    help="export (and evaluate) every run at the last interval checkpoint all runs reached, so "
                         "MoE and dense are compared at the same number of updates when a run stops on --stop-minutes")
@@ -98,6 +98,8 @@ def main(argv=None):
     p.add_argument("--evaluate", action="store_true",
                    help="run scripts/evaluate.py on each exported model as soon as its training ends")
     a = p.parse_args(argv)
+    if a.keep_interval_updates is None:
+        a.keep_interval_updates = -1 if a.match_updates else 4  # a faster run must not delete the common update
 
     procs = {}
     for i, name in enumerate(a.models):
@@ -119,14 +121,18 @@ def main(argv=None):
                 evals[name] = start_evaluation(name, a)
         time.sleep(2)
     if a.match_updates and a.export_dir:
-        common = min(max(interval_checkpoints(os.path.join(a.save_root, n)), default=0) for n in cards)
-        print(f"[train] exporting every run at update {common}", file=sys.stderr, flush=True)
-        for name, card in cards.items():
-            if card["returncode"] == 0 and common:
-                card["export"] = export(name, a, upto=common)
-                write_card(card, a)
-                if a.evaluate:
-                    evals[name] = start_evaluation(name, a)
+        done = [n for n, c in cards.items() if c["returncode"] == 0]
+        common = min((max(interval_checkpoints(os.path.join(a.save_root, n)), default=0) for n in done), default=0)
+        if not common:
+            sys.exit("[train] error: --match-updates: no update with an interval checkpoint in every finished run "
+                     f"({', '.join(done) or 'no run finished'}); nothing exported")
+        print(f"[train] exporting {', '.join(done)} at update {common}", file=sys.stderr, flush=True)
+        for name in done:
+            cards[name]["export"] = export(name, a, upto=common)
+            cards[name]["exported_at_update"] = common
+            write_card(cards[name], a)
+            if a.evaluate:
+                evals[name] = start_evaluation(name, a)
     for name, proc in evals.items():
         cards[name]["evaluation_returncode"] = proc.wait()
     print(json.dumps(cards))
@@ -182,6 +188,9 @@ def export(name: str, a, upto: int = None) -> dict:
     folder = os.path.join(a.save_root, name)
     found = interval_checkpoints(folder)
     ckpts = [found[u] for u in sorted(found) if upto is None or u <= upto][-a.average:]
+    if upto is not None and (upto not in found or len(ckpts) < a.average):
+        raise SystemExit(f"[train] error: {name}: the interval checkpoints up to update {upto} are missing "
+                         f"(have {sorted(found)}); raise --keep-interval-updates")
     if not ckpts:
         ckpts = ["checkpoint_last.pt"]
     out = os.path.join(a.export_dir, name, "checkpoint.pt")

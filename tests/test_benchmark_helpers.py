@@ -34,3 +34,24 @@ def test_predicted_peak_memory():
     # measured on the H200 (e2e_lm_h200.json, static 0.25): 8k, 16k tokens fit; 32k ran out of memory
     assert predict_peak_GiB([29.27, 38.02, 73.58]) > 139
     assert predict_peak_GiB([33.12, 41.71, 58.9]) == pytest.approx(93.28, abs=0.1)  # dynamic at 128k: 93.28 GiB
+
+
+def test_mt_generate_flops_per_generated_token_by_hand():
+    # per sentence: the 64-token source through the encoder; 4 hypotheses x 32 decoder steps (self-attention
+    # over the t-token prefix, cross-attention over 64 source tokens, output projection 32k); the cross-attention
+    # keys/values of the 64 source tokens once per hypothesis; divided by the 32 generated tokens
+    d, f, layers, src, beam, n, vocab = 2048, 8192, 12, 64, 4, 32, 32000
+    moe_layers = {3, 7, 11}  # every 4th layer, 0-based
+
+    def ffn(i):
+        return 2 * 2 * d * f + d * 128 if i in moe_layers else 2 * d * f
+
+    encoder_token = sum(4 * d * d + 2 * src * d + ffn(i) for i in range(layers))
+    step = 0
+    for t in range(1, n + 1):
+        for i in range(layers):
+            step += (4 * d * d + 2 * t * d) + (2 * d * d + 2 * src * d) + ffn(i)
+        step += vocab * d
+    cross_kv = layers * src * 2 * d * d
+    macs = (src * encoder_token + beam * step + beam * cross_kv) / n
+    assert flops_per_token("mt", "mt-generate", 128, 12) == pytest.approx(2 * macs, rel=1e-12)

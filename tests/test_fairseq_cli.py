@@ -6,6 +6,7 @@ updates with ``fairseq-train`` (loss must fall), then loaded by
 plugin's flags; static gating with capacity 1.0 and dynamic gating must agree.
 """
 
+import os
 import re
 import subprocess
 import sys
@@ -127,3 +128,17 @@ def test_bad_flags_exit_with_one_clear_line(tool, flags, message, tmp_path):
     err_lines = [line for line in proc.stderr.strip().splitlines() if "tensorboardX" not in line and line.strip()]
     assert "Traceback" not in proc.stderr
     assert message in err_lines[-1], proc.stderr[-2000:]
+
+
+def test_missing_expert_shard_exits_with_one_clear_line(tmp_path):
+    import shutil
+
+    src = os.path.join(ASSETS, "checkpoints", "lm_moe")
+    for name in ("checkpoint.pt", "checkpoint.experts-0-of-2.pt"):  # shard 1 of 2 left behind
+        shutil.copy(os.path.join(src, name), tmp_path / name)
+    proc = run("eval-lm", [TINY_LM, "--user-dir", USER_DIR, "--task", "moe_language_modeling",
+                           "--path", tmp_path / "checkpoint.pt", "--cpu"])
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    last = [line for line in proc.stderr.strip().splitlines() if line.strip()][-1]
+    assert last.startswith("fairseq-eval-lm: error:") and "checkpoint.experts-1-of-2.pt, which is missing" in last, last

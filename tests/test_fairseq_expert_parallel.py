@@ -154,6 +154,16 @@ def test_two_process_expert_parallel_eval_lm_equals_one_process(tmp_path):
     one = json.loads((tmp_path / "one.json").read_text())
     rank0 = json.loads((tmp_path / "dyn.json").read_text())
     assert one["tokens"] == 15922 and 0 < rank0["tokens"] < 15922  # rank 0's share, no dummy tokens counted
+    # scripts/evaluate.py sums the ranks' files: the whole set's routed choices and tokens per expert
+    merged = _evaluate_script().moe_brief(str(tmp_path / "dyn.json"))
+    assert merged["moe_routed"] == one["routed"] and merged["ranks"] == 2 and "ranks_missing" not in merged
+    assert merged["tokens_per_expert"] == {k: v["expert_counts"] for k, v in one["layers"].items()}
+
+
+def _evaluate_script():
+    from .test_evaluate_script import _evaluate_module
+
+    return _evaluate_module()
 
 
 _SPAWN_AS_PYTHON_M = (
@@ -182,8 +192,10 @@ def test_eval_lm_workers_spawned_by_fairseq_from_python_m(tmp_path):
         os.killpg(proc.pid, 9)
         pytest.fail("spawned expert-parallel eval-lm hung (ranks' all-to-alls unmatched)")
     assert proc.returncode == 0, text[-3000:]
-    assert re.search(r"all ranks 4.7702 on 15,922 tokens", text), text[-3000:]
-    assert "Perplexity: 27.29" in text  # the one-process value (test above, and the README's main job)
+    one = _eval_lm(tmp_path, "one", "dynamic", 1)[0].communicate(timeout=600)[0]
+    loss, ppl = re.search(r"Loss \(base 2\): ([0-9.]+), Perplexity: ([0-9.]+)", one).groups()
+    assert re.search(rf"all ranks {loss} on 15,922 tokens", text), text[-3000:]
+    assert f"Perplexity: {ppl}" in text
 
 
 def test_non_finite_expert_gradients_skip_the_update_or_stop(monkeypatch):

@@ -133,6 +133,22 @@ class MoELayer(nn.Module):
         self._eval_counts.zero_()
         self._eval_scalars.zero_()
 
+    def eval_counters(self) -> tuple:
+        """A copy of the evaluation counters (device tensors: [E] int64 tokens per expert and
+        [3] int64 tokens / routed / dropped), for :meth:`restore_eval_counters`."""
+        return self._eval_counts.clone(), self._eval_scalars.clone()
+
+    def restore_eval_counters(self, saved: tuple) -> None:
+        """Put back counters taken by :meth:`eval_counters` (e.g. around a dummy forward that
+        must not be reported)."""
+        self._eval_counts.copy_(saved[0])
+        self._eval_scalars.copy_(saved[1])
+
+    def eval_expert_counts(self) -> torch.Tensor:
+        """[E] int64 device tensor: tokens routed to each expert over the evaluation forwards
+        since the last reset (no host sync)."""
+        return self._eval_counts
+
     def eval_totals(self) -> dict:
         """Evaluation counters summed over forwards (host values; syncs once).
 
