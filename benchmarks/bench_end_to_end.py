@@ -165,7 +165,9 @@ def sweep(run, count, policies, start_tokens, max_tokens, deadline, budget_s, la
           cost=None):
     """Double the batch per policy until out of memory, the time budget or ``max_tokens``.
 
-    Each policy gets an equal share of the time left (so the last one is not starved).
+    Each policy gets an equal share of the time left (so the last one is not starved), and
+    stops before a batch whose peak memory :func:`predict_peak_GiB` puts above
+    ``MEMORY_HEADROOM`` of the GPU on any rank.
     With ``cost`` (see :func:`floor_ms`) each row also gives its roofline floor and the
     ratio of the measured time to it.
 
@@ -289,7 +291,9 @@ def flops_per_token(kind: str, workload: str, experts: int, layers: int) -> floa
 
 def floor_ms(tokens: int, workload: str, cost: dict) -> float:
     """Roofline floor of one call: max(FLOPs / measured bf16 matmul rate, weight bytes read /
-    measured copy rate). Weights are read once per forward (per decoder step in generate)."""
+    measured copy rate). Weights are read once per forward, in generate all decoder weights
+    once per each of 32 steps: an approximation (fairseq runs a 33rd step for the end of
+    sentence; at small batches not every expert is reached, so fewer bytes are needed)."""
     flops = tokens * cost["flops_per_token"][workload]
     c = cost["ceilings"]
     return 1000 * max(flops / (c["bf16_matmul_tflops"] * 1e12),
