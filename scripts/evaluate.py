@@ -71,8 +71,9 @@ def run_tool(module: str, args, stdout_path: str) -> str:
 
 
 def moe_flags(a, stats_path: str):
-    for old in [stats_path] + glob.glob(glob.escape(stats_path) + ".rank*"):  # never report an earlier run's
-        os.remove(old)  # (a dense model writes none; an expert-parallel run adds one per rank r > 0)
+    # never report an earlier run's (a dense model writes none; an expert-parallel run adds one per rank r > 0)
+    for old in glob.glob(glob.escape(stats_path)) + glob.glob(glob.escape(stats_path) + ".rank*"):
+        os.remove(old)
     flags = ["--moe-gating", a.moe_gating, "--moe-stats-json", stats_path]
     if a.moe_eval_capacity_token_fraction is not None:
         flags += ["--moe-eval-capacity-token-fraction", a.moe_eval_capacity_token_fraction]

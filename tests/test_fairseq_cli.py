@@ -114,6 +114,8 @@ def test_mt_train_generate_interactive(mt_checkpoint, tmp_path):
     ("train", ["--arch", "transformer_lm_moe_small", "--moe-second-expert-policy", "best"], "--moe-second-expert-policy"),
     ("train", ["--arch", "transformer_lm_moe_small", "--criterion", "moe_cross_entropy",
                "--moe-gate-loss-combine-method", "max"], "fairseq-train: error: unknown --moe-gate-loss-combine-method"),
+    ("train", ["--task", "language_modeling", "--arch", "transformer_lm_moe_small", "--criterion", "moe_cross_entropy",
+               "--tokens-per-sample", "64", "--moe-gating", "fast"], "fairseq-train: error: unknown --moe-gating 'fast'"),
     ("eval-lm", ["--path", f"{ASSETS}/checkpoints/lm_moe/checkpoint.pt", "--model-overrides", "{'moe_expert_count': 8}"],
      "the checkpoint holds 16 experts but the model was built with 8"),
 ])
@@ -142,3 +144,20 @@ def test_missing_expert_shard_exits_with_one_clear_line(tmp_path):
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
     last = [line for line in proc.stderr.strip().splitlines() if line.strip()][-1]
     assert last.startswith("fairseq-eval-lm: error:") and "checkpoint.experts-1-of-2.pt, which is missing" in last, last
+
+
+@pytest.mark.parametrize("gating", ["static", "dynamic"])
+def test_moe_gating_as_model_option_with_fairseqs_stock_task(gating, tmp_path):
+    """--moe-gating is also a model option: fairseq's own language_modeling task (no moe_* task options)
+    trains the MoE LM with the gating asked for; static gating at capacity factor 1.0 drops some top-2
+    choices in training, dynamic none (the criterion logs moe_dropped_pct per update)."""
+    out = ok(run("train", [TINY_LM, "--user-dir", USER_DIR, "--task", "language_modeling", "--arch",
+                           "transformer_lm_moe_small", "--decoder-layers", "2", "--decoder-embed-dim", "64",
+                           "--decoder-ffn-embed-dim", "128", "--moe-expert-ffn-dim", "64", "--moe-expert-count", "4",
+                           "--criterion", "moe_cross_entropy", "--tokens-per-sample", "64", "--max-tokens", "1024",
+                           "--optimizer", "adam", "--lr", "3e-3", "--max-update", "3", "--cpu", "--no-save",
+                           "--log-format", "simple", "--log-interval", "1", "--save-dir", tmp_path,
+                           "--moe-gating", gating]))
+    dropped = [float(x) for x in re.findall(r"moe_dropped_pct ([0-9.]+)", out)]
+    assert dropped, out[-2000:]
+    assert (max(dropped) == 0) == (gating == "dynamic"), dropped

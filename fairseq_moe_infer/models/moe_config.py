@@ -15,7 +15,13 @@ class MoEModelConfig(FairseqDataclass):
     Names and meanings follow fairseq's MoE branch (``--moe-expert-count``,
     ``--moe-freq``, ``--moe-top1-expert``, ``--moe-gating-use-fp32``,
     ``--moe-second-expert-policy``, ``--moe-normalize-gate-prob-before-dropping``),
-    plus ``--moe-expert-ffn-dim`` and ``--moe-capacity-factor``.
+    plus ``--moe-expert-ffn-dim``, ``--moe-capacity-factor`` and ``--moe-gating``.
+
+    ``--moe-gating`` is also an option of the ``moe_*`` tasks (one flag: under
+    ``fairseq-train`` with those tasks both read it); as a model option it sets the gating the
+    layers are built with, so that training through fairseq's stock tasks
+    (``--task translation`` / ``language_modeling``) can use dynamic gating too. At
+    evaluation the ``moe_*`` tasks apply their own ``--moe-gating`` over it.
     """
 
     moe_expert_count: int = field(
@@ -40,6 +46,14 @@ class MoEModelConfig(FairseqDataclass):
     moe_capacity_factor: float = field(
         default=1.0,
         metadata={"help": "static gating training capacity = int(factor * k * ceil(tokens / experts)) per expert"},
+    )
+    moe_gating: str = field(
+        default="static",
+        metadata={
+            "help": "gating the MoE layers are built with (training, and any task): static (fairseq/GShard fixed "
+            "capacity, drops overflow) | dynamic (exact per-expert counts, drops nothing); the moe_* tasks' "
+            "--moe-gating is the same flag and also applies at evaluation"
+        },
     )
 
 
@@ -74,7 +88,7 @@ def validate_moe_args(args) -> None:
         )
     if args.moe_expert_ffn_dim < 0:
         raise MoEConfigError(f"--moe-expert-ffn-dim must be >= 0, got {args.moe_expert_ffn_dim}")
-    build_dispatcher("static", capacity_factor=args.moe_capacity_factor)
+    build_dispatcher(args.moe_gating, capacity_factor=args.moe_capacity_factor)
 
 
 def is_moe_layer(args, index: int) -> bool:
@@ -83,8 +97,9 @@ def is_moe_layer(args, index: int) -> bool:
 
 
 def build_moe_layer(args, model_dim: int, ffn_dim: int, activation_fn: str, activation_dropout: float) -> MoELayer:
-    """An :class:`~fairseq_moe_infer.moe.MoELayer` from the model options (static gating)."""
-    return MoELayer(
+    """An :class:`~fairseq_moe_infer.moe.MoELayer` from the model options (``--moe-gating``,
+    static by default, with fairseq's evaluation capacity fraction 0.25)."""
+    layer = MoELayer(
         model_dim,
         args.moe_expert_ffn_dim or ffn_dim,
         args.moe_expert_count,
@@ -96,3 +111,5 @@ def build_moe_layer(args, model_dim: int, ffn_dim: int, activation_fn: str, acti
         normalize_before_dropping=args.moe_normalize_gate_prob_before_dropping,
         capacity_factor=args.moe_capacity_factor,
     )
+    layer.set_gating(args.moe_gating)
+    return layer
