@@ -68,8 +68,11 @@ def _merge_shards(state: Dict, path: str) -> Dict:
                 f"{path} lists expert shard {name}, which is missing; keep all "
                 f"{len(names)} shard files ({', '.join(names)}) beside it"
             )
-        with open(shard_path, "rb") as f:
-            shard = torch.load(f, map_location="cpu")
+        try:
+            with open(shard_path, "rb") as f:
+                shard = torch.load(f, map_location="cpu")
+        except Exception as e:  # a truncated or foreign file: name it
+            raise RuntimeError(f"cannot read expert shard {shard_path}: {e}; re-export or copy it again") from e
         for key, tensor in shard["model"].items():
             parts[key].append(tensor)
     for key, tensors in parts.items():

@@ -4,11 +4,17 @@ import sys
 
 
 def in_fairseq_tool() -> bool:
-    """True when the running program is one of fairseq's command-line tools (``fairseq-*``
-    console scripts or ``python -m fairseq_cli.<tool>``), where errors should be one line."""
-    prog = sys.argv[0] if sys.argv and sys.argv[0] else ""
-    name = prog.replace("\\", "/").rsplit("/", 1)[-1]
-    return name.startswith("fairseq-") or "fairseq_cli/" in prog.replace("\\", "/")
+    """True when the running program is one of fairseq's command-line tools (a ``fairseq-*``
+    console script, ``python -m fairseq_cli.<tool>`` or ``fairseq_cli/<tool>.py``), where
+    errors should be one line."""
+    import os
+
+    main = sys.modules.get("__main__")
+    if getattr(getattr(main, "__spec__", None), "name", "").startswith("fairseq_cli."):
+        return True
+    prog = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    folder, name = os.path.split(prog)
+    return (name.startswith("fairseq-") and not name.endswith(".py")) or os.path.basename(folder) == "fairseq_cli"
 
 
 def exit_with_error(problem: str) -> "None":

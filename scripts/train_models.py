@@ -126,6 +126,10 @@ def main(argv=None):
         if not common:
             sys.exit("[train] error: --match-updates: no update with an interval checkpoint in every finished run "
                      f"({', '.join(done) or 'no run finished'}); nothing exported")
+        missing = {n: m for n in done if (m := missing_for_export(os.path.join(a.save_root, n), common, a))}
+        if missing:  # checked for every run before any export or evaluation starts
+            sys.exit(f"[train] error: --match-updates: interval checkpoints to average at update {common} are gone: "
+                     f"{missing}; raise --keep-interval-updates (-1 keeps all)")
         print(f"[train] exporting {', '.join(done)} at update {common}", file=sys.stderr, flush=True)
         for name in done:
             cards[name]["export"] = export(name, a, upto=common)
@@ -180,6 +184,15 @@ def start_evaluation(name: str, a) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
 
 
+def missing_for_export(folder: str, upto: int, a) -> list:
+    """Updates among the last ``--average`` intervals up to ``upto`` (``upto``, ``upto`` -
+    interval, ..., > 0) whose checkpoint is not in ``folder`` (a run deletes old ones beyond
+    ``--keep-interval-updates``; a short run simply has fewer intervals, which is fine)."""
+    wanted = [u for u in range(upto, 0, -a.save_interval_updates)][: a.average]
+    found = interval_checkpoints(folder)
+    return [u for u in wanted if u not in found]
+
+
 def export(name: str, a, upto: int = None) -> dict:
     """Average the last ``--average`` interval checkpoints (at most update ``upto``) into fp16 serving files."""
     sys.path.insert(0, REPO)
@@ -188,9 +201,6 @@ def export(name: str, a, upto: int = None) -> dict:
     folder = os.path.join(a.save_root, name)
     found = interval_checkpoints(folder)
     ckpts = [found[u] for u in sorted(found) if upto is None or u <= upto][-a.average:]
-    if upto is not None and (upto not in found or len(ckpts) < a.average):
-        raise SystemExit(f"[train] error: {name}: the interval checkpoints up to update {upto} are missing "
-                         f"(have {sorted(found)}); raise --keep-interval-updates")
     if not ckpts:
         ckpts = ["checkpoint_last.pt"]
     out = os.path.join(a.export_dir, name, "checkpoint.pt")

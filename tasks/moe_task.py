@@ -11,18 +11,6 @@ class MoETaskMixin:
     at the first training step; before each optimizer step all ranks agree on whether
     any expert gradient overflowed."""
 
-    @classmethod
-    def add_args(cls, parser):
-        """The task's options; ``--moe-gating`` is also a model option of the MoE architectures,
-        which ``fairseq-train`` adds first: the task's definition replaces it (same destination,
-        so one flag sets both)."""
-        handler = parser.conflict_handler
-        parser.conflict_handler = "resolve"
-        try:
-            super().add_args(parser)
-        finally:
-            parser.conflict_handler = handler
-
     def build_model(self, cfg, from_checkpoint=False):
         model = super().build_model(cfg, from_checkpoint)
         configure_moe(model, self.cfg if getattr(self, "cfg", None) is not None else self.args)

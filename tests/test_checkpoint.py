@@ -36,6 +36,9 @@ def test_missing_or_corrupt_shard_gives_clear_error(tmp_path):
     torch.save(shard, tmp_path / "checkpoint.experts-1-of-2.pt")
     with pytest.raises(RuntimeError, match="shards are corrupt"):
         checkpoint_utils.load_checkpoint_to_cpu(str(tmp_path / "checkpoint.pt"))
+    (tmp_path / "checkpoint.experts-1-of-2.pt").write_bytes(b"not a checkpoint")  # truncated / foreign file
+    with pytest.raises(RuntimeError, match=r"cannot read expert shard .*checkpoint.experts-1-of-2.pt"):
+        checkpoint_utils.load_checkpoint_to_cpu(str(tmp_path / "checkpoint.pt"))
 
 
 def test_export_averages_dedupes_tied_weights_and_shards(tmp_path):

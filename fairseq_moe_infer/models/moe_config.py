@@ -17,11 +17,15 @@ class MoEModelConfig(FairseqDataclass):
     ``--moe-second-expert-policy``, ``--moe-normalize-gate-prob-before-dropping``),
     plus ``--moe-expert-ffn-dim``, ``--moe-capacity-factor`` and ``--moe-gating``.
 
-    ``--moe-gating`` is also an option of the ``moe_*`` tasks (one flag: under
-    ``fairseq-train`` with those tasks both read it); as a model option it sets the gating the
-    layers are built with, so that training through fairseq's stock tasks
-    (``--task translation`` / ``language_modeling``) can use dynamic gating too. At
-    evaluation the ``moe_*`` tasks apply their own ``--moe-gating`` over it.
+    ``--moe-gating`` is also an option of the ``moe_*`` tasks. Under ``fairseq-train`` with
+    those tasks fairseq adds the model's options first and skips the task's duplicate; both
+    store to ``args.moe_gating``, so one flag sets ``cfg.model`` and ``cfg.task`` alike. As a
+    model option it sets the gating the layers are built with (and is stored in the
+    checkpoint), so training through fairseq's stock tasks (``--task translation`` /
+    ``language_modeling``) can use dynamic gating too, and a checkpoint evaluated through a
+    stock task keeps the gating it was trained with. The ``moe_*`` tasks apply their own
+    ``--moe-gating`` (default static) over it at every build, so at evaluation the tool's
+    flag decides.
     """
 
     moe_expert_count: int = field(
