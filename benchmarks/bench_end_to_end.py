@@ -42,6 +42,7 @@ from benchmarks.common import (  # noqa: E402
     log_row,
     measure_ceilings,
     moe_rows_per_gpu,
+    reset_moe_counters,
     run_info,
     time_cuda,
     write_json,
@@ -49,19 +50,27 @@ from benchmarks.common import (  # noqa: E402
 
 USER_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fairseq_moe_infer")
 POLICIES = {"static-0.25": ("static", 0.25), "static-1.0": ("static", 1.0), "dynamic": ("dynamic", 0.25)}
+# the two paper-like models (top-2); "seq" is the LM block / the MT source length; mt-generate: beam and
+# generated tokens per sentence. model_argv, the runners and flops_per_token all read these.
+SHAPES = {"lm": {"d": 1024, "f": 4096, "heads": 16, "moe_every": 2, "seq": 512, "vocab": 51200},
+          "mt": {"d": 2048, "f": 8192, "heads": 16, "moe_every": 4, "seq": 64, "vocab": 32000, "beam": 4, "out_len": 32}}
 
 
 def model_argv(kind: str, experts: int, layers: int, data: str) -> list:
+    s = SHAPES[kind]
+    moe = ["--moe-expert-count", str(experts), "--moe-freq", str(s["moe_every"])]
     if kind == "lm":
         return [data, "--task", "moe_language_modeling", "--arch", "transformer_lm_moe", "--decoder-layers", str(layers),
-                "--decoder-embed-dim", "1024", "--decoder-ffn-embed-dim", "4096", "--decoder-attention-heads", "16",
-                "--moe-expert-count", str(experts), "--moe-freq", "2", "--tokens-per-sample", "512",
+                "--decoder-embed-dim", str(s["d"]), "--decoder-ffn-embed-dim", str(s["f"]),
+                "--decoder-attention-heads", str(s["heads"]), *moe, "--tokens-per-sample", str(s["seq"]),
                 "--share-decoder-input-output-embed"]
+    per_side = (("layers", layers), ("embed-dim", s["d"]), ("ffn-embed-dim", s["f"]), ("attention-heads", s["heads"]))
+    sides = []
+    for side in ("encoder", "decoder"):
+        for opt, value in per_side:
+            sides += [f"--{side}-{opt}", str(value)]
     return [data, "--task", "moe_translation", "--arch", "transformer_moe", "--source-lang", "src", "--target-lang", "tgt",
-            "--encoder-layers", str(layers), "--decoder-layers", str(layers), "--encoder-embed-dim", "2048",
-            "--decoder-embed-dim", "2048", "--encoder-ffn-embed-dim", "8192", "--decoder-ffn-embed-dim", "8192",
-            "--encoder-attention-heads", "16", "--decoder-attention-heads", "16", "--moe-expert-count", str(experts),
-            "--moe-freq", "4", "--share-all-embeddings"]
+            *sides, *moe, "--share-all-embeddings"]
 
 
 def write_dict(folder: str, names, size: int) -> None:
@@ -77,7 +86,7 @@ def build(kind: str, experts: int, layers: int):
     from fairseq.modules import SinusoidalPositionalEmbedding
 
     data = tempfile.mkdtemp()
-    write_dict(data, ["dict.txt"] if kind == "lm" else ["dict.src.txt", "dict.tgt.txt"], 51200 if kind == "lm" else 32000)
+    write_dict(data, ["dict.txt"] if kind == "lm" else ["dict.src.txt", "dict.tgt.txt"], SHAPES[kind]["vocab"])
     parser = options.get_training_parser()
     args = options.parse_args_and_arch(parser, model_argv(kind, experts, layers, data) + ["--user-dir", USER_DIR])
     cfg = convert_namespace_to_omegaconf(args)
@@ -99,8 +108,7 @@ def build(kind: str, experts: int, layers: int):
     for m in model.modules():
         if isinstance(m, SinusoidalPositionalEmbedding):  # a non-persistent buffer: recompute it
             m.weights = m.get_embedding(m.weights.size(0), m.embedding_dim, m.padding_idx).to(m.weights)
-        if hasattr(m, "reset_eval_totals"):
-            m.reset_eval_totals()
+    reset_moe_counters(model)  # non-persistent buffers too: to_empty left them uninitialised
     return model, task
 
 
@@ -124,38 +132,42 @@ def lm_runner(model, task):
     scorer = SequenceScorer(task.target_dictionary)
     vocab = len(task.target_dictionary)
 
+    block = SHAPES["lm"]["seq"]
+
     def run(batch_tokens: int, i: int):
-        b = max(1, batch_tokens // 512)
-        src = random_tokens(b, 512, vocab, i)
-        sample = {"net_input": {"src_tokens": src, "src_lengths": torch.full((b,), 512, device="cuda")},
-                  "target": torch.roll(src, -1, 1), "ntokens": b * 512}
+        b = max(1, batch_tokens // block)
+        src = random_tokens(b, block, vocab, i)
+        sample = {"net_input": {"src_tokens": src, "src_lengths": torch.full((b,), block, device="cuda")},
+                  "target": torch.roll(src, -1, 1), "ntokens": b * block}
         return scorer.generate([model], sample)
 
-    return run, lambda bt: max(1, bt // 512) * 512
+    return run, lambda bt: max(1, bt // block) * block
 
 
 def mt_encoder_runner(model, task):
-    vocab = len(task.source_dictionary)
+    vocab, src_len = len(task.source_dictionary), SHAPES["mt"]["seq"]
 
     def run(batch_tokens: int, i: int):
-        b = max(1, batch_tokens // 64)
-        src = random_tokens(b, 64, vocab, i)
-        return model.encoder(src, src_lengths=torch.full((b,), 64, device="cuda"))
+        b = max(1, batch_tokens // src_len)
+        src = random_tokens(b, src_len, vocab, i)
+        return model.encoder(src, src_lengths=torch.full((b,), src_len, device="cuda"))
 
-    return run, lambda bt: max(1, bt // 64) * 64
+    return run, lambda bt: max(1, bt // src_len) * src_len
 
 
-def mt_generate_runner(model, task, beam: int = 4, out_len: int = 32):
+def mt_generate_runner(model, task):
     from fairseq.sequence_generator import SequenceGenerator
 
+    s = SHAPES["mt"]
+    beam, out_len, src_len = s["beam"], s["out_len"], s["seq"]
     gen = SequenceGenerator([model], task.target_dictionary, beam_size=beam, max_len_a=0, max_len_b=out_len,
                             min_len=out_len)
     vocab = len(task.source_dictionary)
 
     def run(batch_tokens: int, i: int):  # batch_tokens counts generated target tokens
         b = max(1, batch_tokens // out_len)
-        src = random_tokens(b, 64, vocab, i)
-        sample = {"net_input": {"src_tokens": src, "src_lengths": torch.full((b,), 64, device="cuda")}}
+        src = random_tokens(b, src_len, vocab, i)
+        sample = {"net_input": {"src_tokens": src, "src_lengths": torch.full((b,), src_len, device="cuda")}}
         return gen.generate([model], sample)
 
     return run, lambda bt: max(1, bt // out_len) * out_len
@@ -176,8 +188,6 @@ def sweep(run, count, policies, start_tokens, max_tokens, deadline, budget_s, la
     the benchmark saves and ends there. Each row also gives the routed rows each GPU's
     experts computed per call, summed over all MoE layers (max / mean over GPUs).
     """
-    from fairseq_moe_infer.moe import MoELayer
-
     rows = []
     for n_done, name in enumerate(policies):
         set_policy(MODEL[0], name)
@@ -201,9 +211,7 @@ def sweep(run, count, policies, start_tokens, max_tokens, deadline, budget_s, la
                 with torch.no_grad():
                     free_memory()
                     torch.cuda.reset_peak_memory_stats()
-                    for m in MODEL[0].modules():
-                        if isinstance(m, MoELayer):
-                            m.reset_eval_totals()
+                    reset_moe_counters(MODEL[0])
                     row.update(time_cuda(lambda i: run(bt, i), warmup=1, repeat=3, budget_s=budget_s))
                     row.update(moe_rows_per_gpu(MODEL[0], world, calls=1 + row["repeats"]))
                 row["tokens_per_s"] = round(count(bt) / (row["median_ms"] / 1000), 1)
@@ -252,9 +260,6 @@ def predict_peak_GiB(peaks):
         return peaks[1] + 4 * max(peaks[1] - peaks[0], 0.0)
     return None
 
-# shapes of the two paper-like models (see model_argv); k = top-2
-SHAPES = {"lm": {"d": 1024, "f": 4096, "moe_every": 2, "seq": 512, "vocab": 51200},
-          "mt": {"d": 2048, "f": 8192, "moe_every": 4, "seq": 64, "vocab": 32000, "beam": 4, "out_len": 32}}
 
 
 def flops_per_token(kind: str, workload: str, experts: int, layers: int) -> float:

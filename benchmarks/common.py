@@ -130,6 +130,15 @@ def rows_per_gpu(counts: torch.Tensor, world: int, calls: int = 1) -> dict:
             "rows_per_gpu_max_over_mean": round(float(per_gpu.max() / per_gpu.mean()), 3) if per_gpu.sum() else None}
 
 
+def reset_moe_counters(model) -> None:
+    """Zero the evaluation counters of every MoE layer of ``model`` (read by :func:`moe_rows_per_gpu`)."""
+    from fairseq_moe_infer.moe import MoELayer
+
+    for m in model.modules():
+        if isinstance(m, MoELayer):
+            m.reset_eval_totals()
+
+
 def moe_rows_per_gpu(model, world: int, calls: int = 1) -> dict:
     """:func:`rows_per_gpu` summed over all MoE layers of ``model``, from their evaluation
     counters (reset before the ``calls`` calls). Static gating computes its padding too
