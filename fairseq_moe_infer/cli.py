@@ -1,5 +1,6 @@
 """One-line command-line errors for the plugin's checks inside the stock fairseq tools."""
 
+import os
 import sys
 
 
@@ -7,8 +8,6 @@ def in_fairseq_tool() -> bool:
     """True when the running program is one of fairseq's command-line tools (a ``fairseq-*``
     console script, ``python -m fairseq_cli.<tool>`` or ``fairseq_cli/<tool>.py``), where
     errors should be one line."""
-    import os
-
     main = sys.modules.get("__main__")
     if getattr(getattr(main, "__spec__", None), "name", "").startswith("fairseq_cli."):
         return True

@@ -92,12 +92,13 @@ def moe_brief(stats_path: str) -> dict:
         return {}
     with open(stats_path) as f:
         ranks = [json.load(f)]
-    world = int(ranks[0].get("world_size") or 1)
-    missing = [r for r in range(1, world) if not os.path.exists(f"{stats_path}.rank{r}")]
+    world, missing = int(ranks[0].get("world_size") or 1), []
     for r in range(1, world):
-        if r not in missing:
-            with open(f"{stats_path}.rank{r}") as f:
-                ranks.append(json.load(f))
+        if not os.path.exists(f"{stats_path}.rank{r}"):
+            missing.append(r)
+            continue
+        with open(f"{stats_path}.rank{r}") as f:
+            ranks.append(json.load(f))
     peaks = [s["peak_accelerator_memory_bytes"] for s in ranks if s["peak_accelerator_memory_bytes"] is not None]
     rates = [s["tokens_per_s"] for s in ranks if s["tokens_per_s"] is not None]
     layers = {}

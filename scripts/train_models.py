@@ -4,19 +4,23 @@
 Recipes (the same optimiser, schedule and budget for MoE and dense of a kind):
 
 * ``mt_moe``   -- ``transformer_moe_small``: multilingual en->{de,fr,cs}, 16 experts
-  every 2nd layer in encoder and decoder, top-2, static gating;
+  every 2nd layer in encoder and decoder, top-2, gating from ``--moe-gating``;
 * ``mt_dense`` -- the same with ``--moe-freq 0`` (same active parameters);
 * ``lm_moe``   -- ``transformer_lm_moe_small``: 16 experts every 2nd layer;
 * ``lm_dense`` -- the same with ``--moe-freq 0``.
 
-The selected runs go in parallel (one GPU holds them all) and each writes
-``<save-root>/<name>/model_card.json`` with its exact command, wall time,
-updates reached and device. ``--export-dir`` then averages the last interval
-checkpoints into a serving checkpoint (fp16, experts in shard files).
+The selected runs go in parallel (on one GPU, or one per GPU with ``--gpus``) and
+each writes ``<save-root>/<name>/model_card.json`` with its exact command, wall
+time, updates reached and device. ``--export-dir`` then averages the last interval
+checkpoints into a serving checkpoint (fp16, experts in shard files); with
+``--match-updates`` every run is exported at the same update.
 
-Example (the device run that made the bundled models):
-    python scripts/train_models.py --models mt_moe mt_dense lm_moe lm_dense \
-        --stop-minutes 8.7 --export-dir exported --evaluate
+The device runs that made the bundled models (model cards in assets/checkpoints/):
+    python scripts/train_models.py --models lm_moe lm_dense --stop-minutes 8.55 \
+        --export-dir exported --evaluate
+    python scripts/train_models.py --models mt_moe mt_dense --gpus 2 --moe-gating dynamic \
+        --mt-max-tokens 16384 --mt-updates 20000 --stop-minutes 7.7 --keep-interval-updates 40 \
+        --match-updates --save-root /tmp/ck --export-dir /tmp/exp
 """
 
 import argparse
@@ -36,8 +40,7 @@ COMMON = [
     "--log-interval", "100", "--no-epoch-checkpoints", "--validate-interval", "5",
 ]
 MT = ["--task", "moe_translation", "--arch", "transformer_moe_small", "--source-lang", "src", "--target-lang", "tgt",
-      "--criterion", "moe_label_smoothed_cross_entropy", "--label-smoothing", "0.1", "--weight-decay", "0.0001",
-      ]
+      "--criterion", "moe_label_smoothed_cross_entropy", "--label-smoothing", "0.1", "--weight-decay", "0.0001"]
 LM = ["--task", "moe_language_modeling", "--arch", "transformer_lm_moe_small", "--criterion", "moe_cross_entropy",
       "--tokens-per-sample", "256", "--sample-break-mode", "none", "--weight-decay", "0.01"]
 RECIPES = {
