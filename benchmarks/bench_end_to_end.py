@@ -113,12 +113,11 @@ def build(kind: str, experts: int, layers: int):
 
 
 def set_policy(model, name: str) -> None:
-    from fairseq_moe_infer.moe import MoELayer
+    from fairseq_moe_infer.moe import moe_layers
 
     gating, fraction = POLICIES[name]
-    for m in model.modules():
-        if isinstance(m, MoELayer):
-            m.set_gating(gating, fraction)
+    for m in moe_layers(model):
+        m.set_gating(gating, fraction)
 
 
 def random_tokens(batch: int, length: int, vocab: int, seed: int) -> torch.Tensor:

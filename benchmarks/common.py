@@ -132,20 +132,19 @@ def rows_per_gpu(counts: torch.Tensor, world: int, calls: int = 1) -> dict:
 
 def reset_moe_counters(model) -> None:
     """Zero the evaluation counters of every MoE layer of ``model`` (read by :func:`moe_rows_per_gpu`)."""
-    from fairseq_moe_infer.moe import MoELayer
+    from fairseq_moe_infer.moe import moe_layers
 
-    for m in model.modules():
-        if isinstance(m, MoELayer):
-            m.reset_eval_totals()
+    for m in moe_layers(model):
+        m.reset_eval_totals()
 
 
 def moe_rows_per_gpu(model, world: int, calls: int = 1) -> dict:
     """:func:`rows_per_gpu` summed over all MoE layers of ``model``, from their evaluation
     counters (reset before the ``calls`` calls). Static gating computes its padding too
     (E·C rows per layer), not counted here."""
-    from fairseq_moe_infer.moe import MoELayer
+    from fairseq_moe_infer.moe import moe_layers
 
-    counts = [m.eval_expert_counts() for m in model.modules() if isinstance(m, MoELayer)]
+    counts = [m.eval_expert_counts() for m in moe_layers(model)]
     return rows_per_gpu(sum(counts), world, calls) if counts else {}
 
 

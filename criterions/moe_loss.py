@@ -15,7 +15,7 @@ from fairseq.dataclass import FairseqDataclass
 from fairseq.logging import metrics
 
 from ..cli import exit_with_error
-from ..moe import MoELayer
+from ..moe import moe_layers
 
 COMBINE_METHODS = ("average", "sum")
 
@@ -61,7 +61,7 @@ class MoELossMixin:
 
     def add_moe_loss(self, model, loss, sample_size, logging_output):
         """Return ``loss`` plus the weighted balancing loss; fill the logging output."""
-        layers = [m for m in model.modules() if isinstance(m, MoELayer) and m.l_aux is not None]
+        layers = [m for m in moe_layers(model) if m.l_aux is not None]
         logging_output["inner_loss"] = loss.data
         if not layers:
             return loss

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .cli import exit_with_error
-from .moe import MoELayer
+from .moe import moe_layers
 from .training import expert_parallel_world
 
 ALL_RANKS_LINE = "expert parallel: this rank's loss (base 2) {:.4f} on {:,} tokens; all ranks {:.4f} on {:,} tokens"
@@ -38,7 +38,7 @@ ALL_RANKS_LINE = "expert parallel: this rank's loss (base 2) {:.4f} on {:,} toke
 def _dummy_forward(models: List[nn.Module], eos: int) -> None:
     """One forward of a single EOS token through each model, leaving MoE counters as they were."""
     for model in models:
-        layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+        layers = moe_layers(model)
         saved = [m.eval_counters() for m in layers]
         device = next(model.parameters()).device
         tokens = torch.full((1, 1), eos, dtype=torch.long, device=device)

@@ -12,7 +12,7 @@ from fairseq.dataclass import FairseqDataclass
 from torch import nn
 
 from .cli import exit_with_error
-from .moe import DISPATCHERS, MoEConfigError, MoELayer
+from .moe import DISPATCHERS, MoEConfigError, moe_layers
 from .report import MoERunReport
 
 
@@ -63,7 +63,7 @@ def configure_moe(model: nn.Module, cfg) -> Optional[MoERunReport]:
     Raises:
         MoEConfigError: bad option values (see :func:`validate_inference_options`).
     """
-    layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+    layers = moe_layers(model)
     if not layers:
         return None
     for m in layers:

@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .moe import MoELayer
+from .moe import moe_layers
 
 logger = logging.getLogger("fairseq_moe_infer")
 
@@ -42,7 +42,7 @@ class MoERunReport:
     """
 
     def __init__(self, model: nn.Module, gating: str, eval_capacity_token_fraction: float, json_path: Optional[str]):
-        self.layers = [(name, m) for name, m in model.named_modules() if isinstance(m, MoELayer)]
+        self.layers = moe_layers(model, named=True)
         self.gating, self.fraction, self.json_path = gating, eval_capacity_token_fraction, json_path
         self.t_first: Optional[float] = None
         self.t_last: Optional[float] = None

@@ -32,7 +32,7 @@ import logging
 from torch import nn
 
 from .cli import exit_with_error
-from .moe import MoELayer
+from .moe import moe_layers
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +41,8 @@ _ignore_attr = "_ddp_params_and_buffers_to_ignore"
 
 def expert_parallel_world(model: nn.Module) -> int:
     """Number of ranks the experts of ``model`` are sharded over (1 if none or no MoE layer)."""
-    for m in model.modules():
-        if isinstance(m, MoELayer) and m.group is not None:
+    for m in moe_layers(model):
+        if m.group is not None:
             import torch.distributed as dist
 
             return dist.get_world_size(m.group)
@@ -141,7 +141,7 @@ def install_checkpoint_save_hook() -> None:
         models = [trainer.model]
         if getattr(trainer, "ema", None) is not None:  # --store-ema: its copy is saved too
             models.append(trainer.ema.get_model())
-        layers = [m for model in models for m in model.modules() if isinstance(m, MoELayer) and m.group is not None]
+        layers = [m for model in models for m in moe_layers(model) if m.group is not None]
         if not layers or cfg.no_save:
             return original(cfg, trainer, epoch_itr, val_loss)
         if not cfg.no_save_optimizer_state:

@@ -3,7 +3,7 @@
 from .dispatch import DISPATCHERS, Dispatcher, DispatchStats, build_dispatcher, register_dispatcher
 from .experts import Experts
 from .gate import MoEConfigError, Routing, TopKGate
-from .moe_layer import MoELayer
+from .moe_layer import MoELayer, moe_layers
 
 __all__ = [
     "DISPATCHERS",
@@ -14,6 +14,7 @@ __all__ = [
     "MoELayer",
     "Routing",
     "TopKGate",
+    "moe_layers",
     "build_dispatcher",
     "register_dispatcher",
 ]

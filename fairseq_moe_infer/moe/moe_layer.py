@@ -162,3 +162,17 @@ class MoELayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, gating={self.dispatcher.name}"
+
+
+def moe_layers(model: nn.Module, named: bool = False):
+    """Every :class:`MoELayer` of ``model`` in module order (the one helper for "all MoE layers").
+
+    Args:
+        model: any module (a fairseq model, an encoder, a layer).
+        named: yield ``(qualified_name, layer)`` pairs instead of layers.
+
+    Returns:
+        a list of layers, or of ``(name, layer)`` pairs.
+    """
+    pairs = [(n, m) for n, m in model.named_modules() if isinstance(m, MoELayer)]
+    return pairs if named else [m for _, m in pairs]
