@@ -5,6 +5,7 @@ They are task options, not model options, so that ``fairseq-generate`` /
 :func:`configure_moe` on every model it builds.
 """
 
+import os
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -14,11 +15,12 @@ from torch import nn
 from .cli import exit_with_error
 from .moe import DISPATCHERS, MoEConfigError, moe_layers
 from .report import MoERunReport
+from .trace import TraceRecorder
 
 
 @dataclass
 class MoEInferenceConfig(FairseqDataclass):
-    """``--moe-gating``, ``--moe-eval-capacity-token-fraction``, ``--moe-stats-json``."""
+    """``--moe-gating``, ``--moe-eval-capacity-token-fraction``, ``--moe-stats-json``, ``--moe-record-trace``."""
 
     moe_gating: str = field(
         default="static",
@@ -37,6 +39,13 @@ class MoEInferenceConfig(FairseqDataclass):
     moe_stats_json: Optional[str] = field(
         default=None, metadata={"help": "write the end-of-run MoE summary (tokens/s, drops, tokens per expert) here"}
     )
+    moe_record_trace: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "record every evaluation MoE-layer call's top-k expert choices to this .npz routing trace "
+            "(fairseq_moe_infer/trace.py; expert-parallel rank r > 0 writes PATH.rank<r>)"
+        },
+    )
 
 
 def validate_inference_options(cfg) -> None:
@@ -49,6 +58,8 @@ def validate_inference_options(cfg) -> None:
             f"--moe-eval-capacity-token-fraction must be >= 0, got {cfg.moe_eval_capacity_token_fraction} "
             "(0 = training capacity factor; use --moe-gating dynamic to drop nothing)"
         )
+    elif getattr(cfg, "moe_record_trace", None) and not os.path.isdir(os.path.dirname(os.path.abspath(cfg.moe_record_trace))):
+        problem = f"--moe-record-trace {cfg.moe_record_trace}: its folder does not exist; create it or pick another path"
     if problem:
         exit_with_error(problem)
 
@@ -68,6 +79,8 @@ def configure_moe(model: nn.Module, cfg) -> Optional[MoERunReport]:
         return None
     for m in layers:
         m.set_gating(cfg.moe_gating, cfg.moe_eval_capacity_token_fraction)
+    if getattr(cfg, "moe_record_trace", None):
+        TraceRecorder(model, cfg.moe_record_trace).register_atexit()
     return MoERunReport(model, cfg.moe_gating, cfg.moe_eval_capacity_token_fraction, cfg.moe_stats_json).register_atexit()
 
 
