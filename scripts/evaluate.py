@@ -46,6 +46,7 @@ import os
 import re
 import shlex
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -418,7 +419,8 @@ def lock_out_dir(out_dir: str):
                         "wait for it or give another --out-dir") from None
     try:
         f.seek(0)
-        f.truncate()
+        if stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            f.truncate()
         f.write(f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         f.flush()
         os.fsync(f.fileno())
@@ -443,7 +445,8 @@ def parse_args(argv=None):
     g.add_argument("--mt-data", default=None,
                    help="translation data folder: spm.model, dict.src.txt, dict.tgt.txt, and splits.json for its "
                         "binarized test sets (default: the bundled assets/mt)")
-    g.add_argument("--langs", nargs="+", default=["de", "fr", "cs"], help="bundled target languages to translate into (default: de fr cs)")
+    g.add_argument("--langs", nargs="+", default=["de", "fr", "cs"],
+                   help="bundled target languages to translate into (default: de fr cs)")
     g.add_argument("--lm-checkpoint", default=None,
                    help="language-model checkpoint (default: the bundled assets/checkpoints/lm_moe/checkpoint.pt)")
     g.add_argument("--lm-data", default=None,
