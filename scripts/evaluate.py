@@ -57,6 +57,7 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "scripts"))
 from bleu import read_hypotheses, read_lines, score  # noqa: E402
 from eval_report import write_report  # noqa: E402
+from quiet import configure_logging  # noqa: E402
 
 USER_DIR = os.path.join(REPO, "fairseq_moe_infer")
 _ALL_RANKS = re.compile(r"expert parallel: this rank's loss .* all ranks [0-9.]+ on ([0-9,]+) tokens")
@@ -113,21 +114,12 @@ def split_sizes(data: str, split: str, lang: str = None):
     """Token counts (numpy int array, one per sentence, end-of-sentence included) of a binarized split.
 
     ``lang`` given: the translation split ``<split>.src-tgt.<lang>``; else the LM split ``<split>``.
-    Read with fairseq's own ``MMapIndexedDataset`` (its start-up log kept quiet).
+    Read with fairseq's own ``MMapIndexedDataset``.
 
     Raises:
         EvalError: the split is not in ``data``.
     """
-    import logging
-    import warnings
-
-    # importing fairseq logs at INFO ("Please install tensorboardX") and sets the root logger to DEBUG
-    # (Hydra's and matplotlib's DEBUG lines follow): keep this script's own output to its own lines
-    logging.getLogger("fairseq").setLevel(logging.WARNING)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from fairseq.data.indexed_dataset import MMapIndexedDataset
-    logging.getLogger().setLevel(logging.WARNING)
+    from fairseq.data.indexed_dataset import MMapIndexedDataset  # quiet: main() configured logging first
     prefix = os.path.join(data, f"{split}.src-tgt.{lang}" if lang else split)
     if not MMapIndexedDataset.exists(prefix):
         raise EvalError(f"{prefix}.idx/.bin not found")
@@ -530,6 +522,7 @@ def run(a) -> dict:
 
 def main(argv=None):
     a = parse_args(argv)
+    configure_logging(a.verbose)
     try:
         out = run(a)
     except (EvalError, ValueError) as e:  # bad input, or a fairseq tool failed (its last lines are in the message)

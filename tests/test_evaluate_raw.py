@@ -123,6 +123,7 @@ def test_raw_lm_text_equals_bundled_split_and_refuses_a_second_run_on_its_folder
     second = _script(EVALUATE, "--lm-text", text, "--lm-data", TINY_LM, "--out-dir", out)
     stdout, stderr = first.communicate(timeout=600)
     assert first.returncode == 0, stderr[-3000:]
+    assert all(line.startswith("[evaluate]") for line in stderr.splitlines()), stderr  # no fairseq/Hydra start-up lines
     assert "is in use by another evaluate.py run" in _one_error_line(second)
     ours = json.loads(stdout.strip().splitlines()[-1])["language_model"]["multi30k.en"]
     assert json.loads((out / "results.json").read_text())["language_model"]["multi30k.en"] == ours
@@ -281,3 +282,49 @@ def test_report_page_tables_and_heat_map(tmp_path):
     assert "| wiki | **20.00** | 8 | n/a | 0 / 0 (0.0%) | 2.0 |" in text
     assert (tmp_path / "tokens_per_expert.png").read_bytes()[:4] == b"\x89PNG"
     assert sorted(os.listdir(tmp_path)) == ["report.md", "tokens_per_expert.png"]  # no temporary file left
+
+
+# --- data preparation -------------------------------------------------------------------------
+
+PREPARE_MT = os.path.join(REPO, "scripts", "prepare_mt.py")
+PREPARE_LM = os.path.join(REPO, "scripts", "prepare_lm.py")
+
+
+def test_prepare_scripts_name_the_flag_for_missing_data(tmp_path):
+    for script in (PREPARE_MT, PREPARE_LM):
+        prog = os.path.basename(script)[:-3]
+        line = _one_error_line(_script(script, "--data-root", tmp_path / "nowhere", "--out", tmp_path / "o"), prog)
+        assert "--data-root" in line and "nowhere is not a folder; set --data-root to the folder holding multi30k/" in line
+    (tmp_path / "root" / "multi30k").mkdir(parents=True)
+    line = _one_error_line(_script(PREPARE_MT, "--data-root", tmp_path / "root", "--out", tmp_path / "o"), "prepare_mt")
+    assert "has no multi30k/train.en.gz (and 11 more); set --data-root" in line
+    assert not (tmp_path / "o").exists()  # checked before anything is written
+
+
+def test_prepare_mt_builds_a_quiet_data_folder_from_a_small_corpus(tmp_path):
+    # a corpus of one's own in the layout prepare_mt.py reads, with the bundled sentencepiece model and dictionary
+    root = tmp_path / "root" / "multi30k"
+    root.mkdir(parents=True)
+    for split, (first, last) in {"train": (0, 40), "val": (40, 50), "test_2016_flickr": (50, 60)}.items():
+        for lang in ("en", "de", "fr", "cs"):
+            _write(root / f"{split}.{lang}.gz", _lines(lang, first, last), gz=True)
+    out = tmp_path / "mt"
+    proc = _script(PREPARE_MT, "--data-root", root.parent, "--out", out, "--spm-model", os.path.join(ASSETS, "mt", "spm.model"),
+                   "--dict", os.path.join(ASSETS, "mt", "dict.src.txt"), "--workers", 1)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for noise in ("DEBUG:hydra", "tensorboardX", "INFO:fairseq"):
+        assert noise not in proc.stdout + proc.stderr
+    assert "tensorboardX" in (out / "preprocess.log").read_text()  # kept in the log
+    splits = json.loads((out / "splits.json").read_text())
+    assert splits["splits"] == {"de": "test", "fr": "test1", "cs": "test2"}
+    assert (out / "dict.src.txt").read_text() == open(os.path.join(ASSETS, "mt", "dict.src.txt")).read()
+
+
+def test_plugin_scripts_keep_fairseq_start_up_lines_out_unless_verbose(tmp_path):
+    ckpt = os.path.join(ASSETS, "checkpoints", "lm_moe", "checkpoint.pt")
+    script = os.path.join(REPO, "scripts", "export_checkpoint.py")
+    quiet = _script(script, ckpt, "--out", tmp_path / "a" / "checkpoint.pt")
+    assert quiet.returncode == 0, quiet.stderr
+    assert quiet.stderr.strip().splitlines() == ["wrote checkpoint.pt: 7.0 MiB"]
+    verbose = _script(script, ckpt, "--out", tmp_path / "b" / "checkpoint.pt", "--verbose")
+    assert "Please install tensorboardX" in verbose.stderr  # fairseq's line, shown when asked
