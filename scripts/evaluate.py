@@ -192,6 +192,11 @@ def load_splits(data: str) -> dict:
         return json.load(f)
 
 
+def file_stem(name: str) -> str:
+    """A set's name as a plain file-name part: 'news.en->de' -> 'news.en.de' (log and stats file names)."""
+    return re.sub(r"[^\w.+-]+", "_", name.replace("->", "."))
+
+
 def need_file(folder: str, name: str, flag: str) -> str:
     """``folder/name``, which must exist (``flag`` names the option that chose ``folder``)."""
     path = os.path.join(folder, name)
@@ -291,20 +296,20 @@ def evaluate_mt(a, out_dir: str, tmp: str) -> dict:
         t0 = time.time()
         log(f"[MT] {name}: sentencepiece + fairseq-preprocess + fairseq-generate ...")
         data, split, refs = prepare_raw_mt(a, tmp, out_dir)
-        jobs = [(name, data, split, refs, a.lang, t0)]
+        jobs = [(name, file_stem(name), data, split, refs, a.lang, t0)]
     else:
         splits = load_splits(a.mt_data)
         jobs = []
         for lang in a.langs:
             if lang not in splits["splits"]:
                 raise EvalError(f"{a.mt_data}/splits.json has no target language '{lang}'")
-            jobs.append((f"en-{lang}", a.mt_data, splits["splits"][lang], None, lang, None))
-    for i, (name, data, split, refs, lang, t0) in enumerate(jobs, 1):
+            jobs.append((f"en-{lang}", lang, a.mt_data, splits["splits"][lang], None, lang, None))
+    for i, (name, stem, data, split, refs, lang, t0) in enumerate(jobs, 1):
         t0 = t0 or time.time()
         if refs is None:
             log(f"[MT {i}/{len(jobs)}] fairseq-generate {name} ({split}) ...")
             refs = read_lines(os.path.join(a.mt_data, splits["references"][lang]), "reference")
-        r = translate(a, data, split, name.replace("/", "_"), refs, lang, out_dir)
+        r = translate(a, data, split, stem, refs, lang, out_dir)
         r["seconds"] = round(time.time() - t0, 1)
         results[name] = r
         log(f"  {name}: BLEU {r['bleu']:.2f}, chrF {r['chrf']:.2f} on {r['sentences']} sentences ({r['signature']}), "
@@ -353,7 +358,7 @@ def evaluate_lm(a, out_dir: str, tmp: str) -> dict:
             raise EvalError(f"{a.lm_data}/splits.json has no set '{name}' (has: {', '.join(splits)})")
         t0 = time.time()
         log(f"[LM {i}/{len(names)}] fairseq-eval-lm on {name} ({splits[name]}) ...")
-        safe = name.replace("/", "_")
+        safe = file_stem(name)
         stats = os.path.join(out_dir, f"moe.lm.{safe}.json")
         args = [data, "--user-dir", USER_DIR, "--task", "moe_language_modeling", "--path", a.lm_checkpoint,
                 "--gen-subset", splits[name], "--tokens-per-sample", a.tokens_per_sample,

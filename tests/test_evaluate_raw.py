@@ -97,7 +97,7 @@ def test_raw_translation_equals_manual_interactive_route(tmp_path):
                   stdin=tagged))
     manual = [line.split("\t")[2] for line in text.splitlines() if line.startswith("D-")]
     assert len(manual) == len(order)
-    with open(out / "generate.src.en.gz->de.txt", encoding="utf-8") as f:
+    with open(out / "generate.src.en.gz.de.txt", encoding="utf-8") as f:
         ours = dict((int(m.group(1)), m.group(2)) for m in re.finditer(r"^D-(\d+)\t[^\t]*\t(.*)$", f.read(), re.M))
     assert [ours[i] for i in range(len(order))] == manual
     expected = sacrebleu.corpus_bleu(manual, [refs, refs])
