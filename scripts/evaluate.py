@@ -95,7 +95,7 @@ def run_tool(module: str, args, stdout_path: str, verbose: bool = False) -> str:
     cmd = [sys.executable, "-m", f"fairseq_cli.{module}"] + [str(a) for a in args]
     with open(stdout_path + ".cmd", "w") as f:
         f.write(shlex.join(cmd) + "\n")
-    with open(stdout_path, "w") as out:
+    with open(stdout_path, "w", encoding="utf-8") as out:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
         for line in proc.stdout:
             out.write(line)
