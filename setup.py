@@ -35,7 +35,8 @@ setup(
         "hydra-core>=1.0.7",
         "numpy",
         "tqdm",
+        "matplotlib",  # scripts/evaluate.py's tokens-per-expert heat map
     ],
     # triton: its CPU interpreter runs the fused-kernel test (tests/test_kernels.py) without a GPU
-    extras_require={"dev": ["pytest", "ruff", "matplotlib", "triton; sys_platform == 'linux' and platform_machine == 'x86_64'"]},
+    extras_require={"dev": ["pytest", "ruff", "triton; sys_platform == 'linux' and platform_machine == 'x86_64'"]},
 )

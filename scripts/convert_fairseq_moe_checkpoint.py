@@ -14,7 +14,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from fairseq_moe_infer.checkpoint import convert_fairseq_moe_branch  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from quiet import configure_logging  # noqa: E402
 
 
 def main(argv=None):
@@ -22,7 +23,10 @@ def main(argv=None):
     p.add_argument("shared", help="the MoE branch's <name>-shared.pt (rank files must be beside it)")
     p.add_argument("--out", required=True, help="path of the converted main file")
     p.add_argument("--expert-shards", type=int, default=0, help="expert shard files to write (0: experts in the main file)")
+    p.add_argument("--verbose", action="store_true", help="also show fairseq's import-time log lines")
     a = p.parse_args(argv)
+    configure_logging(a.verbose)
+    from fairseq_moe_infer.checkpoint import convert_fairseq_moe_branch  # after configure_logging: fairseq is imported here
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     try:
         written = convert_fairseq_moe_branch(a.shared, a.out, a.expert_shards)

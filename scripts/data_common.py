@@ -58,7 +58,36 @@ def add_common_args(parser, default_out):
     parser.add_argument(
         "--workers", type=int, default=2,
         help="worker processes for fairseq-preprocess (default: 2)")
+    parser.add_argument(
+        "--verbose", action="store_true",
+        help="print fairseq-preprocess's own log (default: kept in <out>/preprocess.log)")
     return parser
+
+
+def fail(prog, message):
+    """End script ``prog`` with the one line ``<prog>: error: <message>`` (exit status 1)."""
+    raise SystemExit(f"{prog}: error: {message}")
+
+
+def check_inputs(prog, args, raw_files, holds):
+    """Check the inputs before any work: ``--data-root`` with every file of ``raw_files`` (relative
+    to it), and ``--spm-model`` / ``--dict`` when given.
+
+    ``holds`` describes what the data root should hold, for the message.
+
+    Raises:
+        SystemExit: one line naming the missing path and the flag to set.
+    """
+    root = args.data_root
+    if not root.is_dir():
+        fail(prog, f"--data-root {root} is not a folder; set --data-root to the folder holding {holds}")
+    missing = [name for name in raw_files if not (root / name).is_file()]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        fail(prog, f"--data-root {root} has no {missing[0]}{more}; set --data-root to the folder holding {holds}")
+    for flag, path in (("--spm-model", args.spm_model), ("--dict", args.dict)):
+        if path is not None and not path.is_file():
+            fail(prog, f"{flag} {path} not found")
 
 
 def new_parser(description):
@@ -184,14 +213,29 @@ def binarize(prog, args, workdir, test_prefixes, mode_options):
     ]
     if args.dict is not None:
         options += ["--srcdict", args.dict]
-    run_preprocess(prog, options)
+    run_preprocess(prog, options, args.out / "preprocess.log", args.verbose)
 
 
-def run_preprocess(prog, options):
-    """Run ``fairseq_cli.preprocess`` with ``options`` in the current interpreter."""
+def run_preprocess(prog, options, log_path, verbose=False):
+    """Run ``fairseq_cli.preprocess`` with ``options`` in the current interpreter.
+
+    Its output (fairseq's and Hydra's start-up lines included) goes to ``log_path``, and also to
+    the terminal if ``verbose``.
+
+    Raises:
+        SystemExit: fairseq-preprocess failed; one line naming the log, after its last lines.
+    """
     command = [sys.executable, "-m", "fairseq_cli.preprocess", *map(str, options)]
-    log(prog, "running " + " ".join(command))
-    subprocess.run(command, check=True)
+    log(prog, f"running fairseq-preprocess (log: {log_path})")
+    with open(log_path, "w", encoding="utf-8") as out:
+        out.write(" ".join(command) + "\n")
+        out.flush()
+        proc = subprocess.run(command, stdout=None if verbose else out, stderr=subprocess.STDOUT if not verbose else None)
+    if proc.returncode != 0:
+        if not verbose:
+            tail = Path(log_path).read_text(encoding="utf-8", errors="replace").strip().splitlines()[-10:]
+            print("\n".join(tail), file=sys.stderr)
+        fail(prog, f"fairseq-preprocess failed (exit {proc.returncode}); see {log_path}")
 
 
 def write_json(path, data):

@@ -19,7 +19,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from fairseq_moe_infer.checkpoint import export_checkpoint  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from quiet import configure_logging  # noqa: E402
 
 
 def main(argv=None):
@@ -28,7 +29,10 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="path of the main output file")
     p.add_argument("--expert-shards", type=int, default=0, help="expert shard files to write (0: none)")
     p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16", help="weight dtype")
+    p.add_argument("--verbose", action="store_true", help="also show fairseq's import-time log lines")
     a = p.parse_args(argv)
+    configure_logging(a.verbose)
+    from fairseq_moe_infer.checkpoint import export_checkpoint  # after configure_logging: fairseq is imported here
     if a.expert_shards < 0:
         p.error("--expert-shards must be >= 0")
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)

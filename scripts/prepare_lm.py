@@ -74,6 +74,11 @@ def corpora(args):
 def main():
     """Prepare the language-modelling data-bin."""
     args = parse_args()
+    raw = [f"multi30k/train.{lang}.gz" for lang in ("en", "de", "fr", "cs")]
+    raw += ["multi30k/val.en.gz", "multi30k/test_2016_flickr.en.gz", "wikitext-2/valid.txt", "wikitext-2/test.txt",
+            "tinyshakespeare/input.txt"]
+    dc.check_inputs(PROG, args, raw, "multi30k/ (Multi30k task 1 raw .gz), wikitext-2/ (valid.txt, test.txt) "
+                    "and tinyshakespeare/input.txt")
     dc.prepare_out_dir(args.out)
     train, valid, tests = corpora(args)
     with tempfile.TemporaryDirectory(prefix="prepare_lm.") as tmp:

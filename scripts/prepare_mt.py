@@ -103,6 +103,9 @@ def write_tests(args, processor, workdir):
 def main():
     """Prepare the translation data-bin."""
     args = parse_args()
+    dc.check_inputs(PROG, args, [f"multi30k/{split}.{lang}.gz" for split in ("train", "val", TEST_SET)
+                                 for lang in (SOURCE_LANG, *TARGET_LANGS)],
+                    "multi30k/ with Multi30k task 1's raw {train,val,test_2016_flickr}.{en,de,fr,cs}.gz")
     dc.prepare_out_dir(args.out)
     train = read_split(args, "train", args.max_train_lines)
     with tempfile.TemporaryDirectory(prefix="prepare_mt.") as tmp:

@@ -27,8 +27,26 @@ def _evaluate(tmp_path, *flags):
 
 
 @pytest.fixture(scope="module")
-def dynamic_results(tmp_path_factory):
-    return _evaluate(tmp_path_factory.mktemp("dyn"))
+def dynamic_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dyn")
+    return _evaluate(out), out
+
+
+@pytest.fixture(scope="module")
+def dynamic_results(dynamic_run):
+    return dynamic_run[0]
+
+
+def test_main_job_writes_its_report_page(dynamic_run):
+    results, out = dynamic_run
+    assert json.loads((out / "results.json").read_text()) == results
+    report = (out / "report.md").read_text()
+    for pair, r in results["translation"].items():
+        assert f"| {pair} | **{r['bleu']:.2f}** | {r['chrf']:.2f} | 50 |" in report
+    for name, r in results["language_model"].items():
+        assert f"| {name} | **{r['perplexity']:.2f}** |" in report
+    assert "![tokens per expert](tokens_per_expert.png)" in report
+    assert (out / "tokens_per_expert.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_bundled_checkpoints_are_sharded_and_small():
