@@ -325,9 +325,12 @@ def _verify_written(temps: Dict[str, str], out_path: str, model: Dict[str, torch
             for key, t in torch.load(f, map_location="cpu")["model"].items():
                 parts[key].append(t)
     got.update({k: torch.cat(v) for k, v in parts.items()})
-    bad = sorted(set(got) ^ set(model)) or [k for k in model if got[k].dtype != model[k].dtype or not torch.equal(got[k], model[k])]
+    bad = sorted(set(got) ^ set(model))
+    bad = bad or [k for k in model if got[k].dtype != model[k].dtype or not torch.equal(got[k], model[k])]
     if bad:
-        raise CheckpointError(f"export to {out_path} failed its check: {bad[0]} differs after reading it back; nothing was written")
+        raise CheckpointError(
+            f"export to {out_path} failed its check: {bad[0]} differs after reading it back; nothing was written"
+        )
 
 
 _BRANCH_EXPERT = re.compile(r"^(.*\.moe_layer\.experts\.)(\d+)\.(fc1|fc2)\.(weight|bias)$")

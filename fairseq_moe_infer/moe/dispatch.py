@@ -32,8 +32,9 @@ from torch import Tensor
 
 from .comm import all_to_all, exchange_counts
 from .experts import Experts
-from .gate import MoEConfigError, Routing
+from .gate import Routing
 from .kernels import fused_available, unpermute_combine
+from .options import check_moe_options
 
 
 @dataclass
@@ -93,18 +94,11 @@ def build_dispatcher(name: str, capacity_factor: float = 1.0, eval_capacity_toke
     """Dispatcher for ``--moe-gating NAME``.
 
     Raises:
-        MoEConfigError: unknown name or a negative capacity option.
+        MoEConfigError: unknown name or a capacity option that is not finite or out of range
+            (:func:`~fairseq_moe_infer.moe.options.check_moe_options`).
     """
-    if name not in DISPATCHERS:
-        raise MoEConfigError(f"unknown --moe-gating '{name}'; choose one of {', '.join(sorted(DISPATCHERS))}")
-    if eval_capacity_token_fraction < 0:
-        raise MoEConfigError(
-            f"--moe-eval-capacity-token-fraction must be >= 0 (0 = use the training "
-            f"capacity factor), got {eval_capacity_token_fraction}; use --moe-gating dynamic "
-            "to drop no tokens"
-        )
-    if capacity_factor <= 0:
-        raise MoEConfigError(f"--moe-capacity-factor must be > 0, got {capacity_factor}")
+    check_moe_options(moe_gating=name, moe_capacity_factor=capacity_factor,
+                      moe_eval_capacity_token_fraction=eval_capacity_token_fraction)
     if name == "static":
         return StaticDispatcher(capacity_factor, eval_capacity_token_fraction)
     return DISPATCHERS[name]()
@@ -148,6 +142,9 @@ class StaticDispatcher(Dispatcher):
             dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
             t_max = int(t.item())
         C = self.capacity(t_max, E, k, training)
+        if t_max == 0:  # no token on any rank (e.g. an empty batch): capacity 0, nothing to route
+            zero = routing.valid.sum()
+            return x.new_zeros(0, d), DispatchStats(x.new_zeros(E, dtype=torch.long), zero, zero, 0)
 
         # locations in the capacity buffer: cumsum over tokens, second choices after all first ones
         masks = [F.one_hot(routing.expert_indices[:, i], E) * routing.valid[:, i, None] for i in range(k)]

@@ -1,0 +1,80 @@
+"""The plugin's wraps of installed fairseq functions, each named with the reason.
+
+Importing the plugin calls :func:`install` once. Each wrap is a few lines, idempotent
+(marked ``_moe_patched``), keeps fairseq's signature and behaviour otherwise, and has a test
+that fails on the unwrapped fairseq (named below).
+
+* ``fairseq.data.data_utils.batch_by_size`` -- the installed fairseq (ve-fairseq 0.12.3)
+  drops the last batch when its size is not a multiple of ``--required-batch-size-multiple``
+  (default 8): ``fairseq-generate`` on 20 sentences printed 16 hypotheses with exit status 0,
+  on 3 sentences it ended in ``ZeroDivisionError``; eval-lm and interactive lost sentences
+  alike. The wrap hands the dropped sentences over as one more (smaller) batch.
+  Test: ``tests/test_reliability.py::test_batch_by_size_keeps_every_sentence``.
+* ``fairseq.checkpoint_utils.load_model_ensemble_and_task`` -- a ``--path`` that does not
+  exist ended in fairseq's ``IOError`` traceback; in the fairseq tools it is now one line.
+  Test: ``tests/test_reliability.py::test_bad_checkpoint_paths_give_one_line``.
+
+Other wraps of fairseq live beside the code they serve: ``checkpoint_utils.load_checkpoint_to_cpu``
+(:func:`fairseq_moe_infer.checkpoint.install_shard_loader`: expert shards, unreadable files),
+the checkpoint save/load hooks of :mod:`fairseq_moe_infer.training` and the eval-lm hook of
+:mod:`fairseq_moe_infer.expert_parallel_eval`.
+"""
+
+import os
+
+import numpy as np
+from fairseq import checkpoint_utils
+from fairseq.data import data_utils
+
+from .cli import exit_with_error, in_fairseq_tool
+
+
+def _mark(wrapper, original):
+    wrapper._moe_patched = True
+    wrapper.__wrapped__ = original
+    wrapper.__doc__ = original.__doc__
+    return wrapper
+
+
+def patch_batch_by_size() -> None:
+    """Wrap ``data_utils.batch_by_size`` so that no sentence is dropped (see the module docstring)."""
+    original = data_utils.batch_by_size
+    if getattr(original, "_moe_patched", False):
+        return
+
+    def batch_by_size(indices, num_tokens_fn, num_tokens_vec=None, max_tokens=None, max_sentences=None,
+                      required_batch_size_multiple=1, fixed_shapes=None):
+        if not isinstance(indices, np.ndarray):
+            indices = np.fromiter(indices, dtype=np.int64, count=-1)
+        batches = original(indices, num_tokens_fn, num_tokens_vec, max_tokens, max_sentences,
+                           required_batch_size_multiple, fixed_shapes)
+        if fixed_shapes is None:  # batches cover a prefix of ``indices`` in order; fairseq dropped the rest
+            covered = sum(len(b) for b in batches)
+            if covered < len(indices):
+                batches = list(batches) + [indices[covered:]]
+        return batches
+
+    data_utils.batch_by_size = _mark(batch_by_size, original)
+
+
+def patch_model_file_check() -> None:
+    """Wrap ``checkpoint_utils.load_model_ensemble_and_task``: a missing ``--path`` file is one line
+    in the fairseq tools (fairseq raised ``IOError`` with a traceback)."""
+    original = checkpoint_utils.load_model_ensemble_and_task
+    if getattr(original, "_moe_patched", False):
+        return
+
+    def load_model_ensemble_and_task(filenames, *args, **kwargs):
+        if in_fairseq_tool() and not kwargs.get("suffix") and kwargs.get("num_shards", 1) == 1:
+            missing = [f for f in filenames if not os.path.exists(f)]
+            if missing:
+                exit_with_error(f"checkpoint {missing[0]} does not exist (check --path)")
+        return original(filenames, *args, **kwargs)
+
+    checkpoint_utils.load_model_ensemble_and_task = _mark(load_model_ensemble_and_task, original)
+
+
+def install() -> None:
+    """Apply every wrap of this module (idempotent)."""
+    patch_batch_by_size()
+    patch_model_file_check()
