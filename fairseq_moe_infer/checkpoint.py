@@ -56,8 +56,13 @@ def fairseq_checkpoint_globals() -> List[object]:
         if hasattr(meters, name)
     ]
     found += [np.dtype, type(np.dtype("float64")), type(np.dtype("int64")), type(np.dtype("float32"))]
-    core = getattr(np, "_core", None) or np.core
-    found += [core.multiarray.scalar, core.multiarray._reconstruct, np.ndarray]  # numpy scalars and arrays
+    from numpy._core import multiarray  # numpy 2; numpy >= 1.26 has the same name (an alias of numpy.core)
+
+    # numpy scalars and arrays, under both module names (a checkpoint pickled under numpy 2 names
+    # numpy._core.multiarray, one pickled under numpy 1 numpy.core.multiarray)
+    for fn in (multiarray.scalar, multiarray._reconstruct):
+        found += [(fn, f"numpy.core.multiarray.{fn.__name__}"), (fn, f"numpy._core.multiarray.{fn.__name__}")]
+    found.append(np.ndarray)
     found += _omegaconf_globals()
     return found
 

@@ -14,19 +14,32 @@ that fails on the unwrapped fairseq (named below).
   exist ended in fairseq's ``IOError`` traceback; in the fairseq tools it is now one line.
   Test: ``tests/test_reliability.py::test_bad_checkpoint_paths_give_one_line``.
 
+* ``fairseq_cli.interactive.buffered_read`` -- fairseq-interactive decoded its input as UTF-8 in
+  one stream: one non-UTF-8 line ended the whole run in ``UnicodeDecodeError``. The wrap reads
+  bytes, reports each bad line (number and byte offset) and skips it; valid lines are translated.
+  Test: ``tests/test_fairseq_cli.py::test_interactive_bad_input_lines``.
+* ``fairseq_cli.interactive.make_batches`` -- hands each raw input line to the task's
+  ``check_source_line`` first (``moe_translation``: unknown target tag ``<2es>`` is refused with the
+  known ones; before, it was split into pieces and translated into some language, exit 0).
+  Test: ``tests/test_fairseq_cli.py::test_interactive_bad_input_lines``.
+
 Other wraps of fairseq live beside the code they serve: ``checkpoint_utils.load_checkpoint_to_cpu``
 (:func:`fairseq_moe_infer.checkpoint.install_shard_loader`: expert shards, unreadable files),
 the checkpoint save/load hooks of :mod:`fairseq_moe_infer.training` and the eval-lm hook of
 :mod:`fairseq_moe_infer.expert_parallel_eval`.
 """
 
+import logging
 import os
+import sys
 
 import numpy as np
 from fairseq import checkpoint_utils
 from fairseq.data import data_utils
 
 from .cli import exit_with_error, in_fairseq_tool
+
+logger = logging.getLogger("fairseq_moe_infer")
 
 
 def _mark(wrapper, original):
@@ -74,7 +87,59 @@ def patch_model_file_check() -> None:
     checkpoint_utils.load_model_ensemble_and_task = _mark(load_model_ensemble_and_task, original)
 
 
+def _interactive_modules():
+    """fairseq_cli.interactive, and its second copy when run as ``python -m fairseq_cli.interactive``."""
+    found = [sys.modules.get("fairseq_cli.interactive")]
+    main = sys.modules.get("__main__")
+    if (getattr(main, "__file__", "") or "").endswith(os.path.join("fairseq_cli", "interactive.py")):
+        found.append(main)
+    return [m for m in found if m is not None and hasattr(m, "buffered_read")]
+
+
+def patch_interactive() -> None:
+    """Wrap fairseq-interactive's ``buffered_read`` and ``make_batches`` (see the module docstring);
+    a no-op unless fairseq-interactive is the running tool."""
+    for cli in _interactive_modules():
+        if not getattr(cli.buffered_read, "_moe_patched", False):
+            cli.buffered_read = _mark(_buffered_read, cli.buffered_read)
+        if not getattr(cli.make_batches, "_moe_patched", False):
+            cli.make_batches = _mark(_checked_make_batches(cli.make_batches), cli.make_batches)
+
+
+def _buffered_read(input, buffer_size):
+    stream = sys.stdin.buffer if input == "-" else open(input, "rb")
+    buffer = []
+    try:
+        for number, raw in enumerate(stream, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                logger.error("input line %d is not UTF-8 (byte %d: %s); skipped, later outputs are numbered without it",
+                             number, e.start, e.reason)
+                continue
+            buffer.append(line.strip())
+            if len(buffer) >= buffer_size:
+                yield buffer
+                buffer = []
+    finally:
+        if stream is not sys.stdin.buffer:
+            stream.close()
+    if buffer:
+        yield buffer
+
+
+def _checked_make_batches(original):
+    def make_batches(lines, cfg, task, *args, **kwargs):
+        check = getattr(task, "check_source_line", None)
+        for line in lines if check is not None else ():
+            check(line)
+        return original(lines, cfg, task, *args, **kwargs)
+
+    return make_batches
+
+
 def install() -> None:
     """Apply every wrap of this module (idempotent)."""
     patch_batch_by_size()
     patch_model_file_check()
+    patch_interactive()

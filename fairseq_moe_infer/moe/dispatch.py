@@ -104,6 +104,13 @@ def build_dispatcher(name: str, capacity_factor: float = 1.0, eval_capacity_toke
     return DISPATCHERS[name]()
 
 
+_OOM_ERROR = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # CUDA; the CPU allocator raises RuntimeError
+
+
+class MoEOutOfMemoryError(RuntimeError):
+    """Static gating ran out of memory at evaluation; the message names the batch and the fix."""
+
+
 def _world(group) -> int:
     return 1 if group is None else dist.get_world_size(group)
 
@@ -133,6 +140,31 @@ class StaticDispatcher(Dispatcher):
         return int(self.capacity_factor * k * math.ceil(num_tokens / num_experts))
 
     def __call__(self, x, routing, experts, group, training):
+        try:
+            return self._dispatch(x, routing, experts, group, training)
+        except (_OOM_ERROR, MemoryError, RuntimeError) as e:
+            message = str(e).lower()
+            oom = isinstance(e, (_OOM_ERROR, MemoryError)) or "out of memory" in message or "can't allocate memory" in message
+            if training or not oom:
+                raise  # in training, fairseq's trainer catches OOM itself and skips the batch
+            problem = self.out_of_memory_message(x.shape[0], routing.num_experts, routing.k, x.element_size())
+            from ..cli import exit_with_error, in_fairseq_tool
+
+            if in_fairseq_tool():
+                exit_with_error(problem)
+            raise MoEOutOfMemoryError(problem) from None
+
+    def out_of_memory_message(self, num_tokens: int, num_experts: int, k: int, element_size: int) -> str:
+        """The one line for an out-of-memory error at evaluation (names the batch and the fix)."""
+        C = self.capacity(num_tokens, num_experts, k, training=False)
+        mib = num_tokens * num_experts * max(C, 1) * element_size / 2**20
+        return (
+            f"out of memory in static gating: a batch of {num_tokens} tokens builds [tokens, experts, capacity] = "
+            f"[{num_tokens}, {num_experts}, {C}] dispatch tensors ({mib:.0f} MiB each); use --moe-gating dynamic "
+            "(no such tensors, drops nothing) or a smaller --max-tokens / --batch-size"
+        )
+
+    def _dispatch(self, x, routing, experts, group, training):
         num_tokens, d = x.shape
         E, k = routing.num_experts, routing.k
         world = _world(group)
