@@ -23,6 +23,11 @@ that fails on the unwrapped fairseq (named below).
   known ones; before, it was split into pieces and translated into some language, exit 0).
   Test: ``tests/test_fairseq_cli.py::test_interactive_bad_input_lines``.
 
+* ``fairseq.tasks.language_modeling.LanguageModelingTask.build_model`` -- a translation checkpoint
+  given to fairseq-eval-lm ended in ``AttributeError: ... no attribute 'supported_targets'``; now
+  one line saying what the model is and which tool scores it.
+  Test: ``tests/test_fairseq_cli.py::test_bad_inputs_give_one_line``.
+
 Other wraps of fairseq live beside the code they serve: ``checkpoint_utils.load_checkpoint_to_cpu``
 (:func:`fairseq_moe_infer.checkpoint.install_shard_loader`: expert shards, unreadable files),
 the checkpoint save/load hooks of :mod:`fairseq_moe_infer.training` and the eval-lm hook of
@@ -138,8 +143,34 @@ def _checked_make_batches(original):
     return make_batches
 
 
+def patch_language_model_check() -> None:
+    """Wrap ``LanguageModelingTask.build_model`` (stock and ``moe_language_modeling`` task): refuse a
+    model that is not a language model with one line."""
+    from fairseq.models import ARCH_MODEL_REGISTRY, MODEL_REGISTRY, FairseqLanguageModel
+    from fairseq.tasks.language_modeling import LanguageModelingTask
+
+    original = LanguageModelingTask.build_model
+    if getattr(original, "_moe_patched", False):
+        return
+
+    def build_model(self, cfg, from_checkpoint=False):
+        name = getattr(cfg, "_name", None) or getattr(cfg, "arch", None)
+        model_cls = MODEL_REGISTRY.get(name) or ARCH_MODEL_REGISTRY.get(getattr(cfg, "arch", None))
+        if isinstance(model_cls, type) and not issubclass(model_cls, FairseqLanguageModel):
+            problem = (f"the checkpoint holds a {name} model ({model_cls.__name__}), not a language model; "
+                       "language-model tasks (fairseq-eval-lm) need one such as assets/checkpoints/lm_moe; "
+                       "score a translation model with fairseq-generate --task moe_translation")
+            if in_fairseq_tool():
+                exit_with_error(problem)
+            raise ValueError(problem)
+        return original(self, cfg, from_checkpoint)
+
+    LanguageModelingTask.build_model = _mark(build_model, original)
+
+
 def install() -> None:
     """Apply every wrap of this module (idempotent)."""
     patch_batch_by_size()
     patch_model_file_check()
     patch_interactive()
+    patch_language_model_check()
