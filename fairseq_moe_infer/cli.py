@@ -26,6 +26,11 @@ def run_failed() -> bool:
     return getattr(sys, "last_type", None) is not None or bool(_failed)
 
 
+def failed_with_error_line() -> bool:
+    """True when :func:`exit_with_error` ended this process (its line is already printed)."""
+    return bool(_failed)
+
+
 def exit_with_error(problem: str) -> "None":
     """End the running tool with ``<tool>: error: <problem>`` (exit status 1, no traceback).
 

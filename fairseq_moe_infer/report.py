@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .cli import run_failed
+from .cli import failed_with_error_line, run_failed
 from .moe import moe_layers
 
 logger = logging.getLogger("fairseq_moe_infer")
@@ -97,9 +97,13 @@ class MoERunReport:
             return None
         self._done = True
         s = self.summary()
-        if not s["complete"]:
+        quiet = failed_with_error_line()  # the tool's one error line stays the last line of the run
+        if not s["complete"] and not quiet:
             logger.warning("MoE summary of an interrupted or failed run: the counts cover only the batches done "
                            "(\"complete\": false)")
+        if quiet:
+            self._write(s)
+            return s
         logger.info(
             "MoE summary: gating=%s tokens=%d tokens/s=%s dropped=%d/%d (%.2f%%) peak accelerator memory=%s",
             s["gating"], s["tokens"], s["tokens_per_s"], s["dropped"], s["routed"], 100 * s["drop_rate"],
@@ -107,6 +111,11 @@ class MoERunReport:
         )
         for name, v in s["layers"].items():
             logger.info("MoE %s: tokens per expert %s (dropped %d)", name, v["expert_counts"], v["dropped"])
+        self._write(s)
+        logger.info("moe_summary %s", json.dumps(s, allow_nan=False))
+        return s
+
+    def _write(self, s: dict) -> None:
         if self.json_path:
             rank = s.get("rank", 0)
             path = self.json_path if rank == 0 else f"{self.json_path}.rank{rank}"
@@ -115,8 +124,6 @@ class MoERunReport:
                     json.dump(s, f, indent=1, allow_nan=False)
             except OSError as e:  # checked at start; the folder may have gone since
                 logger.error("could not write --moe-stats-json %s: %s", path, e)
-        logger.info("moe_summary %s", json.dumps(s, allow_nan=False))
-        return s
 
     def register_atexit(self) -> "MoERunReport":
         atexit.register(self.finish)
