@@ -33,7 +33,9 @@ setup(
         "sentencepiece>=0.1.99",
         "sacrebleu>=2.0",
         "hydra-core>=1.0.7",
-        "numpy",
+        # fairseq (ve-fairseq 0.12.3 too) calls np.compat.long, which numpy 2 removed: fairseq-eval-lm
+        # --sample-break-mode eos and fairseq-interactive with an LM crash under numpy 2
+        "numpy>=1.24,<2; python_version >= '3.11'",
         "tqdm",
         "matplotlib",  # scripts/evaluate.py's tokens-per-expert heat map
     ],

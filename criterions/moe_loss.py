@@ -15,7 +15,8 @@ from fairseq.dataclass import FairseqDataclass
 from fairseq.logging import metrics
 
 from ..cli import exit_with_error
-from ..moe import moe_layers
+from ..moe import MoEConfigError, moe_layers
+from ..moe.options import check_moe_options
 
 COMBINE_METHODS = ("average", "sum")
 
@@ -54,8 +55,10 @@ class MoELossMixin:
                 f"unknown --moe-gate-loss-combine-method '{moe_gate_loss_combine_method}'; "
                 f"choose one of {', '.join(COMBINE_METHODS)}"
             )
-        if moe_gate_loss_wt < 0:
-            exit_with_error(f"--moe-gate-loss-wt must be >= 0, got {moe_gate_loss_wt}")
+        try:
+            check_moe_options(moe_gate_loss_wt=moe_gate_loss_wt)
+        except MoEConfigError as e:
+            exit_with_error(str(e))
         self.moe_gate_loss_wt = moe_gate_loss_wt
         self.moe_gate_loss_combine_method = moe_gate_loss_combine_method
 

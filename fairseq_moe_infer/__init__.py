@@ -18,7 +18,9 @@ _ROOT = os.path.dirname(_HERE)
 if not os.path.isdir(os.path.join(_HERE, "tasks")) and os.path.isfile(os.path.join(_ROOT, "tasks", "__init__.py")):
     __path__.append(_ROOT)  # noqa: F821 (package __path__)
 
-from . import checkpoint  # noqa: E402
+from . import checkpoint, fairseq_patches  # noqa: E402
+
+fairseq_patches.install()
 
 checkpoint.allow_fairseq_checkpoint_globals()
 checkpoint.install_shard_loader()

@@ -3,9 +3,19 @@
 **Weights-only loading.** Since torch 2.6, ``torch.load`` defaults to
 ``weights_only=True`` and refuses any class not on its allow-list; fairseq
 checkpoints carry a few (``argparse.Namespace`` in ``cfg.model``, fairseq's
-training meters, numpy scalars in ``extra_state``). Instead of switching the
+training meters, numpy scalars and arrays in ``extra_state``, and in older fairseq /
+MoE-branch checkpoints an omegaconf ``DictConfig``). Instead of switching the
 check off, :func:`allow_fairseq_checkpoint_globals` adds exactly those classes
-with ``torch.serialization.add_safe_globals``; everything else is still refused.
+with ``torch.serialization.add_safe_globals``; everything else is still refused, and
+in the fairseq tools the refusal is one line naming the class and the file.
+
+**No machine paths.** Exports (:func:`save_serving_checkpoint`) replace the absolute
+paths fairseq stores in the config (``task.data``, ``common.user_dir``,
+``checkpoint.save_dir`` ...) by neutral values (:func:`strip_machine_paths`): the tools
+take the data folder as their positional argument anyway.
+
+**Finite experts.** Expert tensors read from shard files must be finite; a NaN/Inf
+(corrupt shard) is refused naming the file.
 
 **Sharded MoE checkpoints.** Like fairseq's MoE branch (shared parameters plus
 per-rank expert files), a checkpoint written by ``scripts/export_checkpoint.py``
@@ -20,8 +30,10 @@ import argparse
 import collections
 import glob
 import os
+import pickle
 import re
-from typing import Dict, List
+import tempfile
+from typing import Dict, List, Optional
 
 import torch
 from fairseq import checkpoint_utils
@@ -44,8 +56,27 @@ def fairseq_checkpoint_globals() -> List[object]:
         if hasattr(meters, name)
     ]
     found += [np.dtype, type(np.dtype("float64")), type(np.dtype("int64")), type(np.dtype("float32"))]
-    core = getattr(np, "_core", None) or np.core
-    found.append(core.multiarray.scalar)
+    from numpy._core import multiarray  # numpy 2; numpy >= 1.26 has the same name (an alias of numpy.core)
+
+    # numpy scalars and arrays, under both module names (a checkpoint pickled under numpy 2 names
+    # numpy._core.multiarray, one pickled under numpy 1 numpy.core.multiarray)
+    for fn in (multiarray.scalar, multiarray._reconstruct):
+        found += [(fn, f"numpy.core.multiarray.{fn.__name__}"), (fn, f"numpy._core.multiarray.{fn.__name__}")]
+    found.append(np.ndarray)
+    found += _omegaconf_globals()
+    return found
+
+
+def _omegaconf_globals() -> List[object]:
+    """What pickling an omegaconf ``DictConfig`` (fairseq's ``cfg``) stores: the containers, their
+    metadata and value nodes, and the plain types they name as ``ref_type`` / ``key_type``."""
+    import typing
+
+    from omegaconf import DictConfig, ListConfig, base, nodes
+
+    found: List[object] = [DictConfig, ListConfig, base.Metadata, base.ContainerMetadata, typing.Any, dict, list, int]
+    found += [getattr(nodes, n) for n in ("AnyNode", "StringNode", "IntegerNode", "FloatNode", "BooleanNode")
+              if hasattr(nodes, n)]
     return found
 
 
@@ -54,6 +85,39 @@ def allow_fairseq_checkpoint_globals() -> None:
     add = getattr(torch.serialization, "add_safe_globals", None)
     if add is not None:
         add(fairseq_checkpoint_globals())
+
+
+_UNSAFE = re.compile(r"[Uu]nsupported (?:global: )?GLOBAL ([\w.]+)")
+
+
+def describe_load_error(path: str, e: BaseException) -> Optional[str]:
+    """One line for an exception of ``torch.load(path)``, or None if it is not a load failure.
+
+    A class outside the allow-list is named with the file; anything else torch cannot unpickle
+    (a text file, a truncated file) is called not a torch checkpoint.
+    """
+    if isinstance(e, pickle.UnpicklingError):
+        m = _UNSAFE.search(str(e))
+        if m:
+            return (f"{path} holds {m.group(1)}, which is not an allowed checkpoint class (weights-only loading "
+                    "refuses arbitrary code); re-save the checkpoint without it if you trust its source")
+    if isinstance(e, (pickle.UnpicklingError, EOFError, KeyError, UnicodeDecodeError)) or (
+        isinstance(e, RuntimeError) and ("PytorchStreamReader" in str(e) or "zip archive" in str(e))
+    ):
+        first = (str(e).strip().splitlines() or [""])[0][:120]
+        return f"{path} is not a torch checkpoint ({type(e).__name__}: {first}); check --path"
+    return None
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be used; the message names the file and the fix."""
+
+
+def check_finite(tensors: Dict[str, torch.Tensor], path: str) -> None:
+    """Raise :class:`CheckpointError` naming ``path`` and the first tensor holding NaN or Inf."""
+    for key, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{path}: {key} holds NaN/Inf values; the file is corrupt, export or copy it again")
 
 
 def _merge_shards(state: Dict, path: str) -> Dict:
@@ -73,6 +137,7 @@ def _merge_shards(state: Dict, path: str) -> Dict:
                 shard = torch.load(f, map_location="cpu")
         except Exception as e:  # a truncated or foreign file: name it
             raise RuntimeError(f"cannot read expert shard {shard_path}: {e}; re-export or copy it again") from e
+        check_finite(shard["model"], shard_path)
         for key, tensor in shard["model"].items():
             parts[key].append(tensor)
     for key, tensors in parts.items():
@@ -89,8 +154,17 @@ def install_shard_loader() -> None:
         return
 
     def load_checkpoint_to_cpu(path, arg_overrides=None, load_on_all_ranks=False):
-        state = original(path, arg_overrides, load_on_all_ranks)
         try:
+            state = original(path, arg_overrides, load_on_all_ranks)
+        except Exception as e:  # torch.load of a file that is no (allowed) checkpoint
+            problem = describe_load_error(path, e)
+            if problem is None:
+                raise
+            if in_fairseq_tool():
+                exit_with_error(problem)
+            raise CheckpointError(problem) from None
+        try:
+            check_finite({k: v for k, v in state.get("model", {}).items() if _is_expert_key(k)}, path)
             return _merge_shards(state, path)
         except (FileNotFoundError, RuntimeError) as e:
             if in_fairseq_tool():  # one line naming the fix instead of a traceback
@@ -106,13 +180,34 @@ def _is_expert_key(key: str) -> bool:
     return ".moe_layer.experts." in key
 
 
+def read_checkpoint(path: str) -> Dict:
+    """A checkpoint file as saved (no fairseq upgrade), its expert shards merged back in.
+
+    Raises:
+        CheckpointError / FileNotFoundError / RuntimeError: unreadable file, missing or corrupt shard.
+    """
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        with open(path, "rb") as f:
+            state = torch.load(f, map_location="cpu")
+    except Exception as e:
+        problem = describe_load_error(path, e)
+        if problem is None:
+            raise
+        raise CheckpointError(problem) from None
+    return _merge_shards(state, path)
+
+
 def export_checkpoint(paths: List[str], out_path: str, num_shards: int = 1, dtype: torch.dtype = torch.float16) -> List[str]:
     """Write a serving checkpoint: averaged weights, ``dtype``, no optimizer state.
 
     Args:
-        paths: fairseq training checkpoints; their float tensors are averaged
-            (one path: copied).
-        out_path: the main file (loads with ``--path out_path``).
+        paths: fairseq training checkpoints or serving checkpoints (their expert shards are
+            read too); their float tensors are averaged (one path: copied).
+        out_path: the main file (loads with ``--path out_path``); may be one of ``paths``: it is
+            replaced only after the new files were written and checked (see
+            :func:`save_serving_checkpoint`).
         num_shards: expert shard files written beside it (0: experts stay in the
             main file); each holds an equal slice of every layer's experts.
         dtype: dtype of floating-point tensors.
@@ -122,12 +217,9 @@ def export_checkpoint(paths: List[str], out_path: str, num_shards: int = 1, dtyp
 
     Raises:
         ValueError: shard count not dividing the expert count, or checkpoints
-            with different parameters.
+            with different parameters; CheckpointError: an unreadable input or a failed check.
     """
-    states = []
-    for p in paths:
-        with open(p, "rb") as f:
-            states.append(torch.load(f, map_location="cpu"))
+    states = [read_checkpoint(p) for p in paths]
     model: Dict[str, torch.Tensor] = {}
     for key, t in states[0]["model"].items():
         if any(key not in s["model"] for s in states[1:]):
@@ -143,15 +235,58 @@ def export_checkpoint(paths: List[str], out_path: str, num_shards: int = 1, dtyp
     return save_serving_checkpoint(out, model, out_path, num_shards)
 
 
+# fairseq config fields holding machine paths, and what an export stores instead: the tools take the
+# data folder as their positional argument and --user-dir / --save-dir as flags, so nothing is lost.
+_PATH_DEFAULTS = {"data": "", "save_dir": "checkpoints", "user_dir": None, "tensorboard_logdir": None,
+                  "restore_file": "checkpoint_last.pt", "finetune_from_model": None, "results_path": None}
+
+
+def strip_machine_paths(meta: Dict) -> Dict:
+    """Replace absolute paths in ``meta['cfg']`` / ``meta['args']`` (dicts, omegaconf or argparse
+    sections) by machine-neutral values, in place: known fields get fairseq-neutral defaults
+    (``data`` -> "", ``save_dir`` -> "checkpoints", ``user_dir`` -> None ...), any other absolute
+    path string its base name. Returns ``meta``."""
+
+    def clean(key, value):
+        if isinstance(value, str) and (os.path.isabs(value) or value.startswith("~")):
+            return _PATH_DEFAULTS.get(key, os.path.basename(value.rstrip("/")))
+        return value
+
+    def walk(node):
+        if isinstance(node, argparse.Namespace):
+            for k, v in vars(node).items():
+                if clean(k, v) is not v:
+                    setattr(node, k, clean(k, v))
+                walk(v)
+        elif isinstance(node, dict) or hasattr(node, "items") and hasattr(node, "__setitem__"):  # dict, DictConfig
+            for k, v in list(node.items()):
+                if clean(k, v) is not v:  # (assigning a DictConfig section would copy it)
+                    node[k] = clean(k, v)
+                walk(v)
+
+    for section in ("cfg", "args"):
+        if meta.get(section) is not None:
+            walk(meta[section])
+    return meta
+
+
 def save_serving_checkpoint(meta: Dict, model: Dict[str, torch.Tensor], out_path: str, num_shards: int) -> List[str]:
     """Write ``meta`` + ``model`` to ``out_path``, the experts into ``num_shards`` files beside it.
 
+    Machine paths are stripped from the config (:func:`strip_machine_paths`). Every file is first
+    written under a temporary name in the output folder, read back and compared tensor by tensor
+    with ``model``; only then are all renamed into place (``os.replace``, atomic on one file
+    system), so an input given as ``out_path`` is never lost and a failed export leaves no file.
+
     Raises:
-        ValueError: the shard count does not divide an expert stack.
+        ValueError: the shard count does not divide an expert stack; CheckpointError: the files
+        read back differ from what was meant to be written.
     """
-    out = dict(meta)
+    out = strip_machine_paths(dict(meta))
+    out.pop(SHARDS_KEY, None)
     out["model"] = {k: v for k, v in model.items() if not (num_shards and _is_expert_key(k))}
-    written = [out_path]
+    folder = os.path.dirname(out_path) or "."
+    files = {out_path: out}
     if num_shards:
         stem = os.path.splitext(os.path.basename(out_path))[0]
         names = [f"{stem}.experts-{i}-of-{num_shards}.pt" for i in range(num_shards)]
@@ -165,11 +300,42 @@ def save_serving_checkpoint(meta: Dict, model: Dict[str, torch.Tensor], out_path
                 shards[i][key] = part.clone()
         out[SHARDS_KEY] = names
         for name, shard in zip(names, shards):
-            path = os.path.join(os.path.dirname(out_path) or ".", name)
-            torch.save({"model": shard}, path)
-            written.append(path)
-    torch.save(out, out_path)
-    return written
+            files[os.path.join(folder, name)] = {"model": shard}
+    temps = {}
+    try:
+        for path, obj in files.items():
+            fd, temps[path] = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
+                torch.save(obj, f)
+        _verify_written(temps, out_path, model)
+        for path in list(files)[::-1]:  # shards first, the main file (which lists them) last
+            os.replace(temps.pop(path), path)
+    finally:
+        for tmp in temps.values():
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    return list(files)
+
+
+def _verify_written(temps: Dict[str, str], out_path: str, model: Dict[str, torch.Tensor]) -> None:
+    """Read the temporary files back and check they hold exactly ``model``."""
+    with open(temps[out_path], "rb") as f:
+        state = torch.load(f, map_location="cpu")
+    got = dict(state["model"])
+    shard_names = state.get(SHARDS_KEY) or []
+    parts: Dict[str, List[torch.Tensor]] = collections.defaultdict(list)
+    folder = os.path.dirname(out_path) or "."
+    for name in shard_names:
+        with open(temps[os.path.join(folder, name)], "rb") as f:
+            for key, t in torch.load(f, map_location="cpu")["model"].items():
+                parts[key].append(t)
+    got.update({k: torch.cat(v) for k, v in parts.items()})
+    bad = sorted(set(got) ^ set(model))
+    bad = bad or [k for k in model if got[k].dtype != model[k].dtype or not torch.equal(got[k], model[k])]
+    if bad:
+        raise CheckpointError(
+            f"export to {out_path} failed its check: {bad[0]} differs after reading it back; nothing was written"
+        )
 
 
 _BRANCH_EXPERT = re.compile(r"^(.*\.moe_layer\.experts\.)(\d+)\.(fc1|fc2)\.(weight|bias)$")

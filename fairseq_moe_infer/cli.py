@@ -16,12 +16,28 @@ def in_fairseq_tool() -> bool:
     return (name.startswith("fairseq-") and not name.endswith(".py")) or os.path.basename(folder) == "fairseq_cli"
 
 
+_failed = []  # problems passed to exit_with_error in this process
+
+
+def run_failed() -> bool:
+    """True when this process is ending because of an error or an interruption: an uncaught
+    exception such as ``KeyboardInterrupt`` (SIGINT; Python sets ``sys.last_type`` before the
+    ``atexit`` handlers run) or :func:`exit_with_error`."""
+    return getattr(sys, "last_type", None) is not None or bool(_failed)
+
+
+def failed_with_error_line() -> bool:
+    """True when :func:`exit_with_error` ended this process (its line is already printed)."""
+    return bool(_failed)
+
+
 def exit_with_error(problem: str) -> "None":
     """End the running tool with ``<tool>: error: <problem>`` (exit status 1, no traceback).
 
     Raises:
         SystemExit: always.
     """
+    _failed.append(problem)
     prog = sys.argv[0].rsplit("/", 1)[-1] if sys.argv and sys.argv[0] else "fairseq"
     if prog.endswith(".py"):  # ``python -m fairseq_cli.train`` etc.
         prog = "fairseq-" + prog[:-3].replace("_", "-")

@@ -13,9 +13,24 @@ from fairseq.dataclass import FairseqDataclass
 from torch import nn
 
 from .cli import exit_with_error
-from .moe import DISPATCHERS, MoEConfigError, moe_layers
+from .moe import MoEConfigError, moe_layers
+from .moe.options import check_moe_options
 from .report import MoERunReport
 from .trace import TraceRecorder
+
+
+def check_writable_path(path: Optional[str]) -> Optional[str]:
+    """None if a file can be written at ``path`` (or no path), else the problem in words."""
+    if not path:
+        return None
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        return f"{path} is a folder; give a file name"
+    if not os.path.isdir(folder):
+        return f"folder {folder} does not exist; create it first"
+    if not os.access(folder, os.W_OK):
+        return f"folder {folder} is not writable"
+    return None
 
 
 @dataclass
@@ -49,19 +64,16 @@ class MoEInferenceConfig(FairseqDataclass):
 
 
 def validate_inference_options(cfg) -> None:
-    """Exit with one line on a bad ``--moe-gating`` / fraction (CLI entry points)."""
-    problem = None
-    if cfg.moe_gating not in DISPATCHERS:
-        problem = f"unknown --moe-gating '{cfg.moe_gating}'; choose one of {', '.join(sorted(DISPATCHERS))}"
-    elif cfg.moe_eval_capacity_token_fraction < 0:
-        problem = (
-            f"--moe-eval-capacity-token-fraction must be >= 0, got {cfg.moe_eval_capacity_token_fraction} "
-            "(0 = training capacity factor; use --moe-gating dynamic to drop nothing)"
-        )
-    elif getattr(cfg, "moe_record_trace", None) and not os.path.isdir(os.path.dirname(os.path.abspath(cfg.moe_record_trace))):
-        problem = f"--moe-record-trace {cfg.moe_record_trace}: its folder does not exist; create it or pick another path"
-    if problem:
-        exit_with_error(problem)
+    """Exit with one line on a bad ``--moe-gating`` / fraction / ``--moe-stats-json`` (CLI entry points;
+    rules: :func:`~fairseq_moe_infer.moe.options.check_moe_options`)."""
+    try:
+        check_moe_options(moe_gating=cfg.moe_gating, moe_eval_capacity_token_fraction=cfg.moe_eval_capacity_token_fraction)
+    except MoEConfigError as e:
+        exit_with_error(str(e))
+    for flag in ("moe_stats_json", "moe_record_trace"):
+        problem = check_writable_path(getattr(cfg, flag, None))
+        if problem:
+            exit_with_error(f"--{flag.replace('_', '-')}: {problem}")
 
 
 def configure_moe(model: nn.Module, cfg) -> Optional[MoERunReport]:

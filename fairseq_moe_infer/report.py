@@ -12,7 +12,10 @@ forwards only and gives:
 * per layer: tokens, routed, dropped and tokens per expert.
 
 It is logged (one readable line per layer, then the whole summary as one JSON
-line prefixed ``moe_summary``) and written to ``--moe-stats-json`` when given.
+line prefixed ``moe_summary``) and written to ``--moe-stats-json`` when given (strict JSON:
+``allow_nan=False``). ``complete`` is False when the run ended by an error or an
+interruption (SIGINT, a failed rank): the counts then cover only the batches done, and a
+warning line says so. A process killed outright (SIGKILL) writes nothing.
 Under torch.distributed every rank reports its own tokens (``rank`` and
 ``world_size`` are added); rank 0 writes ``--moe-stats-json PATH``, rank r > 0
 writes ``PATH.rank<r>``.
@@ -27,6 +30,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .cli import failed_with_error_line, run_failed
 from .moe import moe_layers
 
 logger = logging.getLogger("fairseq_moe_infer")
@@ -83,6 +87,7 @@ class MoERunReport:
             "dropped": dropped,
             "drop_rate": round(dropped / routed, 6) if routed else 0.0,
             "layers": layers,
+            "complete": not run_failed(),
             **_rank_info(),
         }
 
@@ -92,6 +97,13 @@ class MoERunReport:
             return None
         self._done = True
         s = self.summary()
+        quiet = failed_with_error_line()  # the tool's one error line stays the last line of the run
+        if not s["complete"] and not quiet:
+            logger.warning("MoE summary of an interrupted or failed run: the counts cover only the batches done "
+                           "(\"complete\": false)")
+        if quiet:
+            self._write(s)
+            return s
         logger.info(
             "MoE summary: gating=%s tokens=%d tokens/s=%s dropped=%d/%d (%.2f%%) peak accelerator memory=%s",
             s["gating"], s["tokens"], s["tokens_per_s"], s["dropped"], s["routed"], 100 * s["drop_rate"],
@@ -99,12 +111,19 @@ class MoERunReport:
         )
         for name, v in s["layers"].items():
             logger.info("MoE %s: tokens per expert %s (dropped %d)", name, v["expert_counts"], v["dropped"])
+        self._write(s)
+        logger.info("moe_summary %s", json.dumps(s, allow_nan=False))
+        return s
+
+    def _write(self, s: dict) -> None:
         if self.json_path:
             rank = s.get("rank", 0)
-            with open(self.json_path if rank == 0 else f"{self.json_path}.rank{rank}", "w") as f:
-                json.dump(s, f, indent=1)
-        logger.info("moe_summary %s", json.dumps(s))
-        return s
+            path = self.json_path if rank == 0 else f"{self.json_path}.rank{rank}"
+            try:
+                with open(path, "w") as f:
+                    json.dump(s, f, indent=1, allow_nan=False)
+            except OSError as e:  # checked at start; the folder may have gone since
+                logger.error("could not write --moe-stats-json %s: %s", path, e)
 
     def register_atexit(self) -> "MoERunReport":
         atexit.register(self.finish)

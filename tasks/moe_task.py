@@ -1,5 +1,9 @@
 """What both ``moe_*`` tasks add to their fairseq base task (a mixin, listed first)."""
 
+import glob
+import os
+
+from ..cli import exit_with_error
 from ..inference import configure_moe
 from ..training import check_expert_grads_finite, check_training_setup, prepare_expert_parallel_training
 
@@ -10,6 +14,21 @@ class MoETaskMixin:
     (:mod:`fairseq_moe_infer.training`), and checks fairseq's training setup once
     at the first training step; before each optimizer step all ranks agree on whether
     any expert gradient overflowed."""
+
+    def load_dataset(self, split, *args, **kwargs):
+        """fairseq's loading; an empty split ends the tool with one line (fairseq failed in mmap with
+        ``ValueError: cannot mmap an empty file``, or evaluated nothing)."""
+        data = getattr(getattr(self, "cfg", None), "data", None) or getattr(getattr(self, "args", None), "data", "")
+        problem = f"split '{split}' of {data} holds no sentences; check --gen-subset / --valid-subset and the data folder"
+        folder = str(data).split(os.pathsep)[0]
+        binaries = glob.glob(os.path.join(glob.escape(folder), f"{split}.bin"))
+        binaries += glob.glob(os.path.join(glob.escape(folder), f"{split}.*.bin"))
+        if binaries and all(os.path.getsize(b) == 0 for b in binaries):
+            exit_with_error(problem)
+        result = super().load_dataset(split, *args, **kwargs)
+        if split in self.datasets and len(self.datasets[split]) == 0:
+            exit_with_error(problem)
+        return result
 
     def build_model(self, cfg, from_checkpoint=False):
         model = super().build_model(cfg, from_checkpoint)

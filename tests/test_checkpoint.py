@@ -107,8 +107,9 @@ def test_convert_fairseq_moe_branch_checkpoint(tmp_path, ranks):
         assert torch.equal(state["model"][key], stack), key  # experts renumbered rank-major, stacked
     assert state["cfg"]["model"]["_name"] == "transformer_lm_moe" and state["cfg"]["task"]["_name"] == "moe_language_modeling"
     assert state["cfg"]["model"]["moe_expert_count"] == 16
-    models, _ = checkpoint_utils.load_model_ensemble([str(tmp_path / "out" / "checkpoint.pt")])
-    ref, _ = checkpoint_utils.load_model_ensemble([os.path.join(LM, "checkpoint.pt")])
+    data = {"data": os.path.join(ASSETS, "lm")}  # the bundled dictionary, as the tools' positional argument gives it
+    models, _ = checkpoint_utils.load_model_ensemble([str(tmp_path / "out" / "checkpoint.pt")], arg_overrides=data)
+    ref, _ = checkpoint_utils.load_model_ensemble([os.path.join(LM, "checkpoint.pt")], arg_overrides=data)
     tokens = torch.randint(4, 8000, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         out = models[0].float().eval()(tokens)[0]
@@ -127,3 +128,123 @@ def test_convert_refuses_missing_rank_files(tmp_path):
         f.unlink()
     with pytest.raises(FileNotFoundError, match="keep every rank's expert file"):
         convert_fairseq_moe_branch(str(tmp_path / "model-shared.pt"), str(tmp_path / "c.pt"))
+
+
+def _strings(node, where=""):
+    """(location, value) of every string in a checkpoint's non-tensor entries."""
+    if isinstance(node, argparse.Namespace):
+        node = vars(node)
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _strings(v, f"{where}.{k}")
+    elif isinstance(node, (list, tuple)):
+        for i, v in enumerate(node):
+            yield from _strings(v, f"{where}[{i}]")
+    elif isinstance(node, str):
+        yield where, node
+
+
+@pytest.mark.parametrize("name", ["lm_moe", "mt_moe"])
+def test_bundled_checkpoints_hold_no_machine_paths(name):
+    state = torch.load(os.path.join(ASSETS, "checkpoints", name, "checkpoint.pt"), weights_only=True)
+    found = [(w, v) for w, v in _strings({k: v for k, v in state.items() if k != "model"})
+             if os.path.isabs(v) or "/work" in v or "data-bin" in v or "/tmp" in v]
+    assert not found, found
+    assert state["cfg"]["task"]["data"] == "" and state["cfg"]["common"]["user_dir"] is None
+
+
+def test_strip_machine_paths_in_dict_namespace_and_omegaconf():
+    from omegaconf import OmegaConf
+
+    from fairseq_moe_infer.checkpoint import strip_machine_paths
+
+    meta = {"cfg": OmegaConf.create({"task": {"data": "/home/u/data-bin/mt", "source_lang": "src"},
+                                     "checkpoint": {"save_dir": "/scratch/ck"}, "common": {"user_dir": "/opt/x"}}),
+            "args": argparse.Namespace(data="/home/u/data-bin/mt:/home/u/b", lr=[0.1], save_dir="rel/dir", spm="/a/spm.model")}
+    strip_machine_paths(meta)
+    assert meta["cfg"]["task"] == {"data": "", "source_lang": "src"}
+    assert meta["cfg"]["checkpoint"]["save_dir"] == "checkpoints" and meta["cfg"]["common"]["user_dir"] is None
+    assert vars(meta["args"]) == {"data": "", "lr": [0.1], "save_dir": "rel/dir", "spm": "spm.model"}
+
+
+def _merged(path):
+    return checkpoint_utils.load_checkpoint_to_cpu(str(path))["model"]
+
+
+@pytest.mark.parametrize("shards", [2, 0])
+def test_export_of_a_sharded_checkpoint_onto_itself_keeps_the_experts(tmp_path, shards):
+    """export_checkpoint.py read only the main file of a sharded checkpoint: it wrote shards without experts and,
+    with --out equal to the input, destroyed them. Now the shards are read and the result checked."""
+    import subprocess
+    import sys
+
+    from .helpers import REPO
+
+    for f in os.listdir(LM):
+        shutil.copy(os.path.join(LM, f), tmp_path / f)
+    expected = _merged(os.path.join(LM, "checkpoint.pt"))
+    out = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "export_checkpoint.py"), tmp_path / "checkpoint.pt",
+                          "--out", tmp_path / "checkpoint.pt", "--expert-shards", str(shards)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = _merged(tmp_path / "checkpoint.pt")
+    assert got.keys() == expected.keys()
+    for key, t in expected.items():
+        assert torch.equal(got[key], t), key
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+    main = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert ("decoder.layers.1.moe_layer.experts.fc1_weight" in main["model"]) == (shards == 0)
+
+
+def test_export_check_failure_leaves_the_input_alone(tmp_path, monkeypatch):
+    import fairseq_moe_infer.checkpoint as ck
+
+    for f in os.listdir(LM):
+        shutil.copy(os.path.join(LM, f), tmp_path / f)
+    before = {f: (tmp_path / f).read_bytes() for f in os.listdir(tmp_path)}
+    real_save = torch.save
+
+    def corrupting_save(obj, f):  # a shard whose bytes do not hold what was meant (disk or serialization fault)
+        if "model" in obj and SHARDS_KEY not in obj:
+            obj = {"model": {k: v + 1 for k, v in obj["model"].items()}}
+        real_save(obj, f)
+
+    monkeypatch.setattr(ck.torch, "save", corrupting_save)
+    with pytest.raises(ck.CheckpointError, match="failed its check"):
+        export_checkpoint([str(tmp_path / "checkpoint.pt")], str(tmp_path / "checkpoint.pt"), 2)
+    assert {f: (tmp_path / f).read_bytes() for f in os.listdir(tmp_path)} == before  # untouched, no temporary left
+
+
+def test_nan_in_an_expert_shard_is_refused_naming_the_file(tmp_path):
+    from fairseq_moe_infer.checkpoint import CheckpointError
+
+    for f in os.listdir(LM):
+        shutil.copy(os.path.join(LM, f), tmp_path / f)
+    shard = torch.load(tmp_path / "checkpoint.experts-1-of-2.pt", weights_only=True)
+    shard["model"]["decoder.layers.1.moe_layer.experts.fc2_weight"][3, 0, 0] = float("nan")
+    torch.save(shard, tmp_path / "checkpoint.experts-1-of-2.pt")
+    with pytest.raises(CheckpointError, match=r"checkpoint.experts-1-of-2.pt: decoder.layers.1.moe_layer.experts.fc2_weight "
+                                              r"holds NaN/Inf"):
+        checkpoint_utils.load_checkpoint_to_cpu(str(tmp_path / "checkpoint.pt"))
+
+
+def test_numpy_arrays_and_omegaconf_config_load_weights_only(tmp_path):
+    """Older fairseq / MoE-branch checkpoints pickle numpy arrays and an omegaconf DictConfig."""
+    import numpy as np
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create({"model": {"_name": "transformer_lm", "dropout": 0.1, "layers": [1, 2]}, "task": {"data": None}})
+    torch.save({"cfg": cfg, "extra_state": {"rng": np.arange(5), "best": np.float64(1.5)}}, tmp_path / "old.pt")
+    state = torch.load(tmp_path / "old.pt", weights_only=True)
+    assert state["cfg"]["model"]["layers"] == [1, 2] and state["extra_state"]["rng"].tolist() == [0, 1, 2, 3, 4]
+
+
+def test_arbitrary_callable_is_refused_naming_class_and_file(tmp_path):
+    from fairseq_moe_infer.checkpoint import CheckpointError
+
+    for obj, name in ((os.system, "posix.system"), (shutil.rmtree, "shutil.rmtree")):
+        torch.save({"model": {}, "hook": obj}, tmp_path / "evil.pt")
+        with pytest.raises(CheckpointError, match=rf"evil.pt holds {name}, which is not an allowed checkpoint class"):
+            checkpoint_utils.load_checkpoint_to_cpu(str(tmp_path / "evil.pt"))
+    (tmp_path / "notes.txt").write_text("hello world\n")
+    with pytest.raises(CheckpointError, match=r"notes.txt is not a torch checkpoint"):
+        checkpoint_utils.load_checkpoint_to_cpu(str(tmp_path / "notes.txt"))

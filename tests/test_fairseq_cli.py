@@ -109,7 +109,14 @@ def test_mt_train_generate_interactive(mt_checkpoint, tmp_path):
 
 @pytest.mark.parametrize("tool,flags,message", [
     ("eval-lm", ["--moe-gating", "fast"], "unknown --moe-gating 'fast'"),
-    ("eval-lm", ["--moe-eval-capacity-token-fraction", "-0.5"], "--moe-eval-capacity-token-fraction must be >= 0"),
+    ("eval-lm", ["--moe-eval-capacity-token-fraction", "-0.5"], "--moe-eval-capacity-token-fraction must be a finite number in"),
+    ("eval-lm", ["--moe-eval-capacity-token-fraction", "nan"],
+     "--moe-eval-capacity-token-fraction must be a finite number in [0.0, 1.0], got nan"),
+    ("eval-lm", ["--moe-eval-capacity-token-fraction", "inf"], "got inf"),
+    ("eval-lm", ["--moe-stats-json", "/nonexistent-folder/stats.json"],
+     "--moe-stats-json: folder /nonexistent-folder does not exist"),
+    ("train", ["--arch", "transformer_lm_moe_small", "--moe-capacity-factor", "nan"],
+     "--moe-capacity-factor must be a finite number"),
     ("train", ["--arch", "transformer_lm_moe_small", "--moe-expert-count", "1"], "--moe-top1-expert"),
     ("train", ["--arch", "transformer_lm_moe_small", "--moe-second-expert-policy", "best"], "--moe-second-expert-policy"),
     ("train", ["--arch", "transformer_lm_moe_small", "--criterion", "moe_cross_entropy",

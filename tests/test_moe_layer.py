@@ -1,6 +1,7 @@
 """The MoE layer against a float64 per-token reference, hand-computed losses and capacities."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -116,7 +117,7 @@ def test_bad_options_raise_clear_errors():
         MoELayer(8, 8, 1, k=2)
     with pytest.raises(MoEConfigError, match="unknown --moe-gating 'fast'"):
         build_dispatcher("fast")
-    with pytest.raises(MoEConfigError, match="must be >= 0"):
+    with pytest.raises(MoEConfigError, match=r"must be a finite number in \[0.0, 1.0\], got -0.5"):
         build_dispatcher("static", eval_capacity_token_fraction=-0.5)
     with pytest.raises(MoEConfigError, match="second-expert-policy"):
         MoELayer(8, 8, 4, second_expert_policy="best")
@@ -136,3 +137,36 @@ def test_fairseq_per_expert_state_dict_is_stacked_on_load():
     other = make_layer(E=8)
     with pytest.raises(MoEConfigError, match="--moe-expert-count 4"):
         other.load_state_dict(layer.state_dict())
+
+
+@pytest.mark.parametrize("name,value", [
+    ("moe_eval_capacity_token_fraction", float("nan")), ("moe_eval_capacity_token_fraction", float("inf")),
+    ("moe_eval_capacity_token_fraction", 1e30), ("moe_capacity_factor", float("nan")), ("moe_capacity_factor", float("inf")),
+    ("moe_capacity_factor", 1e30), ("moe_capacity_factor", 0.0), ("moe_gate_loss_wt", float("nan")),
+    ("moe_expert_count", 2.5), ("moe_freq", -1), ("moe_expert_ffn_dim", float("inf")), ("moe_expert_count", "4"),
+])
+def test_every_numeric_moe_option_must_be_finite_and_in_range(name, value):
+    """One rule table (moe/options.py) serves the gate, the dispatcher, the model, task and criterion options."""
+    from fairseq_moe_infer.moe.options import check_moe_options
+
+    flag = "--" + name.replace("_", "-")
+    with pytest.raises(MoEConfigError, match=rf"^{flag} must be a finite (number|integer) in .*, got {re.escape(str(value))}"):
+        check_moe_options(**{name: value})
+    if name in ("moe_eval_capacity_token_fraction", "moe_capacity_factor"):  # the layer's own constructor path
+        with pytest.raises(MoEConfigError, match=flag):
+            build_dispatcher("static", **{name[4:]: value})
+    check_moe_options(moe_eval_capacity_token_fraction=1.0, moe_capacity_factor=64, moe_expert_count=4, moe_freq=0)
+
+
+@pytest.mark.parametrize("gating", ["static", "dynamic"])
+def test_a_batch_without_tokens(gating):
+    """All-padding batch (zero tokens reach the gate): zeros out, nothing routed, no error."""
+    layer = make_layer(E=4)
+    layer.eval()
+    layer.set_gating(gating, 1.0)
+    x = torch.randn(3, 16, dtype=torch.float64)
+    with torch.no_grad():
+        out = layer(x, padding_mask=torch.ones(3, dtype=torch.bool))
+        empty = layer(x[:0])
+    assert torch.equal(out, torch.zeros_like(out)) and empty.shape == (0, 16)
+    assert layer.last_stats.dropped.item() == 0

@@ -4,8 +4,8 @@ from dataclasses import dataclass, field, fields
 
 from fairseq.dataclass import FairseqDataclass
 
-from ..moe import MoEConfigError, MoELayer, build_dispatcher
-from ..moe.gate import SECOND_EXPERT_POLICIES
+from ..moe import MoELayer
+from ..moe.options import check_moe_options
 
 
 @dataclass
@@ -75,24 +75,12 @@ def validate_moe_args(args) -> None:
     """Check the MoE model options.
 
     Raises:
-        MoEConfigError: naming the flag and the fix.
+        MoEConfigError: naming the flag and the fix (rules: :mod:`fairseq_moe_infer.moe.options`).
     """
-    k = 1 if args.moe_top1_expert else 2
-    if args.moe_freq < 0:
-        raise MoEConfigError(f"--moe-freq must be >= 0 (0 = dense), got {args.moe_freq}")
-    if args.moe_freq > 0 and args.moe_expert_count < k:
-        raise MoEConfigError(
-            f"--moe-expert-count={args.moe_expert_count} is smaller than top-k={k}; "
-            "use at least 2 experts for top-2 gating or pass --moe-top1-expert"
-        )
-    if args.moe_second_expert_policy not in SECOND_EXPERT_POLICIES:
-        raise MoEConfigError(
-            f"unknown --moe-second-expert-policy '{args.moe_second_expert_policy}'; "
-            f"choose one of {', '.join(SECOND_EXPERT_POLICIES)}"
-        )
-    if args.moe_expert_ffn_dim < 0:
-        raise MoEConfigError(f"--moe-expert-ffn-dim must be >= 0, got {args.moe_expert_ffn_dim}")
-    build_dispatcher(args.moe_gating, capacity_factor=args.moe_capacity_factor)
+    check_moe_options(
+        **{f.name: getattr(args, f.name) for f in MOE_FIELDS if f.name != "moe_top1_expert"},
+        k=(1 if args.moe_top1_expert else 2) if args.moe_freq else None,  # a dense model (freq 0) has no gate
+    )
 
 
 def is_moe_layer(args, index: int) -> bool:

@@ -32,8 +32,9 @@ from torch import Tensor
 
 from .comm import all_to_all, exchange_counts
 from .experts import Experts
-from .gate import MoEConfigError, Routing
+from .gate import Routing
 from .kernels import fused_available, unpermute_combine
+from .options import check_moe_options
 
 
 @dataclass
@@ -93,21 +94,21 @@ def build_dispatcher(name: str, capacity_factor: float = 1.0, eval_capacity_toke
     """Dispatcher for ``--moe-gating NAME``.
 
     Raises:
-        MoEConfigError: unknown name or a negative capacity option.
+        MoEConfigError: unknown name or a capacity option that is not finite or out of range
+            (:func:`~fairseq_moe_infer.moe.options.check_moe_options`).
     """
-    if name not in DISPATCHERS:
-        raise MoEConfigError(f"unknown --moe-gating '{name}'; choose one of {', '.join(sorted(DISPATCHERS))}")
-    if eval_capacity_token_fraction < 0:
-        raise MoEConfigError(
-            f"--moe-eval-capacity-token-fraction must be >= 0 (0 = use the training "
-            f"capacity factor), got {eval_capacity_token_fraction}; use --moe-gating dynamic "
-            "to drop no tokens"
-        )
-    if capacity_factor <= 0:
-        raise MoEConfigError(f"--moe-capacity-factor must be > 0, got {capacity_factor}")
+    check_moe_options(moe_gating=name, moe_capacity_factor=capacity_factor,
+                      moe_eval_capacity_token_fraction=eval_capacity_token_fraction)
     if name == "static":
         return StaticDispatcher(capacity_factor, eval_capacity_token_fraction)
     return DISPATCHERS[name]()
+
+
+_OOM_ERROR = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # CUDA; the CPU allocator raises RuntimeError
+
+
+class MoEOutOfMemoryError(RuntimeError):
+    """Static gating ran out of memory at evaluation; the message names the batch and the fix."""
 
 
 def _world(group) -> int:
@@ -139,6 +140,31 @@ class StaticDispatcher(Dispatcher):
         return int(self.capacity_factor * k * math.ceil(num_tokens / num_experts))
 
     def __call__(self, x, routing, experts, group, training):
+        try:
+            return self._dispatch(x, routing, experts, group, training)
+        except (_OOM_ERROR, MemoryError, RuntimeError) as e:
+            message = str(e).lower()
+            oom = isinstance(e, (_OOM_ERROR, MemoryError)) or "out of memory" in message or "can't allocate memory" in message
+            if training or not oom:
+                raise  # in training, fairseq's trainer catches OOM itself and skips the batch
+            problem = self.out_of_memory_message(x.shape[0], routing.num_experts, routing.k, x.element_size())
+            from ..cli import exit_with_error, in_fairseq_tool
+
+            if in_fairseq_tool():
+                exit_with_error(problem)
+            raise MoEOutOfMemoryError(problem) from None
+
+    def out_of_memory_message(self, num_tokens: int, num_experts: int, k: int, element_size: int) -> str:
+        """The one line for an out-of-memory error at evaluation (names the batch and the fix)."""
+        C = self.capacity(num_tokens, num_experts, k, training=False)
+        mib = num_tokens * num_experts * max(C, 1) * element_size / 2**20
+        return (
+            f"out of memory in static gating: a batch of {num_tokens} tokens builds [tokens, experts, capacity] = "
+            f"[{num_tokens}, {num_experts}, {C}] dispatch tensors ({mib:.0f} MiB each); use --moe-gating dynamic "
+            "(no such tensors, drops nothing) or a smaller --max-tokens / --batch-size"
+        )
+
+    def _dispatch(self, x, routing, experts, group, training):
         num_tokens, d = x.shape
         E, k = routing.num_experts, routing.k
         world = _world(group)
@@ -148,6 +174,9 @@ class StaticDispatcher(Dispatcher):
             dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
             t_max = int(t.item())
         C = self.capacity(t_max, E, k, training)
+        if t_max == 0:  # no token on any rank (e.g. an empty batch): capacity 0, nothing to route
+            zero = routing.valid.sum()
+            return x.new_zeros(0, d), DispatchStats(x.new_zeros(E, dtype=torch.long), zero, zero, 0)
 
         # locations in the capacity buffer: cumsum over tokens, second choices after all first ones
         masks = [F.one_hot(routing.expert_indices[:, i], E) * routing.valid[:, i, None] for i in range(k)]

@@ -35,11 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-SECOND_EXPERT_POLICIES = ("sampling", "all", "random")
-
-
-class MoEConfigError(ValueError):
-    """An invalid MoE option; the message names the flag and the fix."""
+from .options import SECOND_EXPERT_POLICIES, MoEConfigError, check_moe_options  # noqa: F401 (re-exported)
 
 
 @dataclass
@@ -112,18 +108,7 @@ class TopKGate(nn.Module):
         normalize_before_dropping: bool = False,
     ):
         super().__init__()
-        if k not in (1, 2):
-            raise MoEConfigError(f"top-k gating supports k=1 or k=2, got k={k}")
-        if num_experts < k:
-            raise MoEConfigError(
-                f"--moe-expert-count={num_experts} is smaller than top-k={k}; "
-                "use at least 2 experts for top-2 gating or pass --moe-top1-expert"
-            )
-        if second_expert_policy not in SECOND_EXPERT_POLICIES:
-            raise MoEConfigError(
-                f"unknown --moe-second-expert-policy '{second_expert_policy}'; "
-                f"choose one of {', '.join(SECOND_EXPERT_POLICIES)}"
-            )
+        check_moe_options(k=k, moe_expert_count=num_experts, moe_second_expert_policy=second_expert_policy)
         self.wg = nn.Linear(model_dim, num_experts, bias=False)
         self.num_experts = num_experts
         self.k = k
