@@ -21,16 +21,10 @@ if not os.path.isdir(os.path.join(_HERE, "tasks")) and os.path.isfile(os.path.jo
 from . import checkpoint  # noqa: E402
 
 checkpoint.allow_fairseq_checkpoint_globals()
-checkpoint.install_shard_loader()
 
-from . import training  # noqa: E402
+from . import fairseq_patches  # noqa: E402
 
-training.install_checkpoint_save_hook()
-training.install_checkpoint_load_hook()
-
-from . import expert_parallel_eval  # noqa: E402
-
-expert_parallel_eval.install_eval_lm_hook()
+fairseq_patches.install_all()  # every wrapped fairseq function is listed there, with why
 
 from . import criterions, models, tasks  # noqa: E402,F401 (fairseq registrations)
 

@@ -11,7 +11,7 @@ with ``torch.serialization.add_safe_globals``; everything else is still refused.
 per-rank expert files), a checkpoint written by ``scripts/export_checkpoint.py``
 keeps every non-expert tensor in the main file and the experts in shard files
 beside it, listed under ``moe_expert_shards``; shard i holds experts
-``[i * E / n, (i + 1) * E / n)`` of every MoE layer. :func:`install_shard_loader`
+``[i * E / n, (i + 1) * E / n)`` of every MoE layer. :func:`load_checkpoint_to_cpu`
 wraps fairseq's ``checkpoint_utils.load_checkpoint_to_cpu`` so that the stock
 tools' ``--path checkpoint.pt`` loads the shards too.
 """
@@ -24,10 +24,9 @@ import re
 from typing import Dict, List
 
 import torch
-from fairseq import checkpoint_utils
 
 from .cli import exit_with_error, in_fairseq_tool
-from .moe.experts import stack_per_expert_keys
+from .moe.experts import EXPERT_KEY_PART, is_expert_key, stack_per_expert_keys
 
 SHARDS_KEY = "moe_expert_shards"
 
@@ -82,28 +81,17 @@ def _merge_shards(state: Dict, path: str) -> Dict:
     return state
 
 
-def install_shard_loader() -> None:
-    """Make ``checkpoint_utils.load_checkpoint_to_cpu`` merge expert shards (idempotent)."""
-    original = checkpoint_utils.load_checkpoint_to_cpu
-    if getattr(original, "_moe_shards", False):
-        return
-
-    def load_checkpoint_to_cpu(path, arg_overrides=None, load_on_all_ranks=False):
-        state = original(path, arg_overrides, load_on_all_ranks)
-        try:
-            return _merge_shards(state, path)
-        except (FileNotFoundError, RuntimeError) as e:
-            if in_fairseq_tool():  # one line naming the fix instead of a traceback
-                exit_with_error(str(e))
-            raise
-
-    load_checkpoint_to_cpu._moe_shards = True
-    load_checkpoint_to_cpu.__doc__ = original.__doc__
-    checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu
-
-
-def _is_expert_key(key: str) -> bool:
-    return ".moe_layer.experts." in key
+def load_checkpoint_to_cpu(original, path, arg_overrides=None, load_on_all_ranks=False):
+    """Wraps ``fairseq.checkpoint_utils.load_checkpoint_to_cpu`` (every stock tool's ``--path``
+    goes through it): merges the expert shard files a serving checkpoint lists; a missing or
+    unreadable shard ends a fairseq tool with one line naming the file."""
+    state = original(path, arg_overrides, load_on_all_ranks)
+    try:
+        return _merge_shards(state, path)
+    except (FileNotFoundError, RuntimeError) as e:
+        if in_fairseq_tool():  # one line naming the fix instead of a traceback
+            exit_with_error(str(e))
+        raise
 
 
 def export_checkpoint(paths: List[str], out_path: str, num_shards: int = 1, dtype: torch.dtype = torch.float16) -> List[str]:
@@ -150,14 +138,14 @@ def save_serving_checkpoint(meta: Dict, model: Dict[str, torch.Tensor], out_path
         ValueError: the shard count does not divide an expert stack.
     """
     out = dict(meta)
-    out["model"] = {k: v for k, v in model.items() if not (num_shards and _is_expert_key(k))}
+    out["model"] = {k: v for k, v in model.items() if not (num_shards and is_expert_key(k))}
     written = [out_path]
     if num_shards:
         stem = os.path.splitext(os.path.basename(out_path))[0]
         names = [f"{stem}.experts-{i}-of-{num_shards}.pt" for i in range(num_shards)]
         shards = [{} for _ in names]
         for key, t in model.items():
-            if not _is_expert_key(key):
+            if not is_expert_key(key):
                 continue
             if t.shape[0] % num_shards:
                 raise ValueError(f"{num_shards} shards do not divide the {t.shape[0]} experts of {key}")
@@ -172,7 +160,7 @@ def save_serving_checkpoint(meta: Dict, model: Dict[str, torch.Tensor], out_path
     return written
 
 
-_BRANCH_EXPERT = re.compile(r"^(.*\.moe_layer\.experts\.)(\d+)\.(fc1|fc2)\.(weight|bias)$")
+_BRANCH_EXPERT = re.compile(rf"^(.*{re.escape(EXPERT_KEY_PART)})(\d+)\.(fc1|fc2)\.(weight|bias)$")
 _ARCH_MAP = {"transformer_lm": "transformer_lm_moe", "transformer": "transformer_moe"}
 _TASK_MAP = {"language_modeling": "moe_language_modeling", "translation": "moe_translation"}
 
