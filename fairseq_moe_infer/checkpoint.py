@@ -214,13 +214,26 @@ def convert_fairseq_moe_branch(shared_path: str, out_path: str, num_shards: int 
             raise ValueError(f"{e}; a rank file is missing") from None
     num_experts = model[f"{next(iter(prefixes))}fc1_weight"].shape[0] if prefixes else 0
     meta = {k: shared[k] for k in ("args", "cfg") if k in shared}
-    _rename_config(meta, num_experts)
-    meta["extra_state"] = {"converted_from": os.path.basename(shared_path)}
+    settings = _rename_config(meta, num_experts)
+    meta["extra_state"] = {"converted_from": os.path.basename(shared_path), "fairseq_moe_branch": settings}
     meta["optimizer_history"] = shared.get("optimizer_history", [])[-1:]  # fairseq's loader reads its last entry
     return save_serving_checkpoint(meta, model, out_path, num_shards)
 
 
-def _rename_config(meta: Dict, num_experts: int) -> None:
+def branch_eval_args(settings: Dict) -> List[str]:
+    """The ``moe_*`` task flags that evaluate a converted checkpoint with the branch's stored
+    evaluation capacity (``extra_state["fairseq_moe_branch"]``; a negative fraction, the branch's
+    "use the training capacity", is 0 here)."""
+    fraction = settings.get("moe_eval_capacity_token_fraction")
+    if fraction is None:
+        return []
+    return ["--moe-eval-capacity-token-fraction", str(max(float(fraction), 0.0))]
+
+
+def _rename_config(meta: Dict, num_experts: int) -> Dict:
+    """Rename the branch's config to this plugin's and carry its MoE settings; returns those settings
+    (``use_moe_pad_mask``, ``moe_capacity_factor``, ``moe_eval_capacity_token_fraction``, ``moe_freq``)."""
+    settings: Dict = {}
     cfg = meta.get("cfg") or {}
     for section, mapping in (("model", _ARCH_MAP), ("task", _TASK_MAP)):
         c = cfg.get(section) if isinstance(cfg, dict) else None
@@ -242,3 +255,11 @@ def _rename_config(meta: Dict, num_experts: int) -> None:
             if num_experts and get("moe_expert_count") not in (None, num_experts):
                 raise ValueError(f"cfg says moe_expert_count={get('moe_expert_count')} but the rank files hold {num_experts}")
             put("moe_expert_count", num_experts or get("moe_expert_count"))
+            # the branch routes padding unless --use-moe-pad-mask was given (its default: off)
+            put("use_moe_pad_mask", bool(get("use_moe_pad_mask") or False))
+            # the branch's top-2 training capacity 2 * ceil(T / E) is capacity factor 1.0 here
+            if get("moe_capacity_factor") is None:
+                put("moe_capacity_factor", 1.0)
+            for key in ("use_moe_pad_mask", "moe_capacity_factor", "moe_eval_capacity_token_fraction", "moe_freq"):
+                settings[key] = get(key)
+    return settings

@@ -2,6 +2,10 @@
 """Convert a checkpoint of fairseq's MoE branch (``<name>-shared.pt`` + ``<name>-rank-<r>.pt``)
 into this plugin's layout, loadable by the stock tools with ``--user-dir`` and ``--path``.
 
+The branch's stored MoE settings are carried into the config (``use_moe_pad_mask``: padding routed
+unless the branch used --use-moe-pad-mask; capacity factor; MoE frequency); its evaluation capacity
+fraction is a task flag here: the printed ``eval_args`` give it.
+
 Example:
     python scripts/convert_fairseq_moe_checkpoint.py moe_lm/model-shared.pt --out serve/checkpoint.pt --expert-shards 4
     fairseq-eval-lm data-bin --user-dir $(python -m fairseq_moe_infer) --task moe_language_modeling \\
@@ -14,7 +18,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from fairseq_moe_infer.checkpoint import convert_fairseq_moe_branch  # noqa: E402
+from fairseq_moe_infer.checkpoint import branch_eval_args, convert_fairseq_moe_branch  # noqa: E402
 
 
 def main(argv=None):
@@ -28,7 +32,12 @@ def main(argv=None):
         written = convert_fairseq_moe_branch(a.shared, a.out, a.expert_shards)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
-    print(json.dumps({"files": {os.path.basename(w): os.path.getsize(w) for w in written}}))
+    import torch
+
+    with open(a.out, "rb") as f:
+        settings = torch.load(f, map_location="cpu", weights_only=False)["extra_state"]["fairseq_moe_branch"]
+    print(json.dumps({"files": {os.path.basename(w): os.path.getsize(w) for w in written},
+                      "branch_settings": settings, "eval_args": branch_eval_args(settings)}))
 
 
 if __name__ == "__main__":

@@ -152,23 +152,25 @@ def _assert_same_training_state(got, ref, label):
 @pytest.mark.slow
 def test_resume_on_other_world_sizes_equals_an_uninterrupted_run(tmp_path):
     """Resume 1->2, 2->1 and 2->4 gloo ranks (experts, their Adam moments and their fp32 EMA copy sliced or
-    gathered) ends where one uninterrupted process ends: weights, EMA (fp32 copy included), Adam moments and
+    gathered) ends where a 1-process resume of the same checkpoint ends: weights, EMA (fp32 copy included), Adam moments and
     update count. Before: 1->2 crashed at the first step (moments of all experts), 2->1 restarted at update 0
     and crashed in fairseq's ema.py, 2->4 gave ranks the wrong fp32 EMA experts and fresh moments."""
-    ref = _launch(tmp_path / "ref", 1, 4)
+    ref = _launch(tmp_path / "ref", 1, 2)
     half = _launch(tmp_path / "two", 2, 2, _port())
-    out_ref, _ = _finish(ref), _finish(half)
-    assert "@ 8 updates" in out_ref or "num_updates=8" in out_ref
-    for name in ("one_to_two", "two_to_one", "two_to_four"):
+    _finish(ref), _finish(half)
+    for name in ("one_to_one", "one_to_two", "two_to_one", "two_to_four"):
         (tmp_path / name).mkdir()
-    (tmp_path / "one_to_two" / "checkpoint_last.pt").write_bytes((tmp_path / "ref" / "checkpoint2.pt").read_bytes())
-    for name in ("two_to_one", "two_to_four"):
-        (tmp_path / name / "checkpoint_last.pt").write_bytes((tmp_path / "two" / "checkpoint_last.pt").read_bytes())
-    runs = {"one_to_two": _launch(tmp_path / "one_to_two", 2, 4, _port()),
+        src = tmp_path / ("ref" if name.startswith("one") else "two") / "checkpoint_last.pt"
+        (tmp_path / name / "checkpoint_last.pt").write_bytes(src.read_bytes())
+    runs = {"one_to_one": _launch(tmp_path / "one_to_one", 1, 4),
+            "one_to_two": _launch(tmp_path / "one_to_two", 2, 4, _port()),
             "two_to_one": _launch(tmp_path / "two_to_one", 1, 4),
             "two_to_four": _launch(tmp_path / "two_to_four", 4, 4, _port())}
     outs = {name: _finish(procs) for name, procs in runs.items()}
-    reference = torch.load(tmp_path / "ref" / "checkpoint_last.pt", map_location="cpu", weights_only=False)
+    # the reference resumes on the same world size: fairseq's own resume of this 1-process run does not end
+    # bitwise where an uninterrupted run ends (seen: 0.016 after 4 more Adam updates, also without expert
+    # parallelism in the picture), so the uninterrupted run cannot be the yardstick here
+    reference = torch.load(tmp_path / "one_to_one" / "checkpoint_last.pt", map_location="cpu", weights_only=False)
     assert reference["optimizer_history"][-1]["num_updates"] == 8
     for name, out in outs.items():
         assert "@ 4 updates" in out and "@ 0 updates" not in out, (name, out[-3000:])
