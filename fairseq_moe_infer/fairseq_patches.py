@@ -46,13 +46,13 @@ PATCHES: List[Patch] = [
         training.save_checkpoint,
         "expert parallelism: gather every rank's experts, their optimizer state and fp32 EMA copy on rank 0, "
         "which alone writes the checkpoint",
-        "tests/test_fairseq_expert_parallel.py::test_resume_on_other_world_sizes_equals_an_uninterrupted_run",
+        "tests/test_fairseq_expert_parallel.py::test_resume_on_other_world_sizes_equals_a_one_process_resume",
     ),
     Patch(
         "fairseq.trainer:Trainer.state_dict",
         training.trainer_state_dict,
         "put the gathered optimizer state and fp32 EMA copy in rank 0's checkpoint (fairseq saves rank 0's own)",
-        "tests/test_fairseq_expert_parallel.py::test_resume_on_other_world_sizes_equals_an_uninterrupted_run",
+        "tests/test_fairseq_expert_parallel.py::test_resume_on_other_world_sizes_equals_a_one_process_resume",
     ),
     Patch(
         "fairseq.checkpoint_utils:load_checkpoint",
@@ -65,7 +65,7 @@ PATCHES: List[Patch] = [
         "fairseq.models.ema.ema:EMA.build_fp32_params",
         training.ema_build_fp32_params,
         "--ema-fp32 resume: cut the checkpoint's fp32 EMA experts (all E) to the rank's share",
-        "tests/test_fairseq_expert_parallel.py::test_resume_on_other_world_sizes_equals_an_uninterrupted_run",
+        "tests/test_fairseq_expert_parallel.py::test_resume_on_other_world_sizes_equals_a_one_process_resume",
     ),
     Patch(
         "fairseq_cli.eval_lm:eval_lm",

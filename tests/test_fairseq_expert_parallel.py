@@ -96,8 +96,8 @@ def test_resume_without_optimizer_state_keeps_the_update_count(tmp_path):
     one = ok(subprocess.run(tool("train") + [str(a) for a in ARGS] + [
         "--save-dir", str(tmp_path / "two"), "--max-update", "8", "--update-freq", "2"],
         capture_output=True, text=True, timeout=600))
+    # (fairseq's own 'Loaded checkpoint ... @ 0 updates' line comes before the count is restored)
     assert "resumed training at update 6 from a checkpoint without optimizer state" in one
-    assert "@ 6 updates" in one and "@ 0 updates" not in one
     assert re.search(r"num_updates=7\b", one) and not re.search(r"num_updates=1\b", one)
     state = torch.load(tmp_path / "two" / "checkpoint_last.pt", map_location="cpu", weights_only=False)
     assert state["optimizer_history"][-1]["num_updates"] == 8
@@ -150,7 +150,7 @@ def _assert_same_training_state(got, ref, label):
 
 
 @pytest.mark.slow
-def test_resume_on_other_world_sizes_equals_an_uninterrupted_run(tmp_path):
+def test_resume_on_other_world_sizes_equals_a_one_process_resume(tmp_path):
     """Resume 1->2, 2->1 and 2->4 gloo ranks (experts, their Adam moments and their fp32 EMA copy sliced or
     gathered) ends where a 1-process resume of the same checkpoint ends: weights, EMA (fp32 copy included), Adam moments and
     update count. Before: 1->2 crashed at the first step (moments of all experts), 2->1 restarted at update 0
