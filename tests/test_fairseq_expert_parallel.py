@@ -103,15 +103,15 @@ def test_resume_without_optimizer_state_keeps_the_update_count(tmp_path):
     assert state["optimizer_history"][-1]["num_updates"] == 8
 
 
-# Resume across world sizes: 7 batches of 2 blocks per epoch of the 'valid' split; world size x --update-freq
-# is 4 everywhere, so every run sees the same 4 batches per update (fairseq pads a rank's shard with an empty
+# Resume across world sizes: 7 batches of 2 blocks per epoch of the 'valid' split (2 updates); world size x
+# --update-freq is 4 everywhere, so every run sees the same 4 batches per update (fairseq pads a rank's shard with an empty
 # batch: zero weight). Checkpoints at an epoch end hold no position inside the epoch, so they resume on any
 # world size. Adam (moments), an LR warm-up (update count) and --store-ema --ema-fp32 (the fp32 EMA copy).
 RESUME_ARGS = [a for a in ARGS if a not in ("--no-epoch-checkpoints",)]
 RESUME_ARGS = RESUME_ARGS[: RESUME_ARGS.index("--max-update")] + RESUME_ARGS[RESUME_ARGS.index("--max-update") + 2:]
 RESUME_ARGS = [str(a) for a in RESUME_ARGS] + [
     "--train-subset", "valid", "--max-tokens", "128", "--optimizer", "adam", "--lr", "3e-3", "--lr-scheduler",
-    "inverse_sqrt", "--warmup-updates", "4", "--store-ema", "--ema-fp32", "--ema-decay", "0.5"]
+    "inverse_sqrt", "--warmup-updates", "2", "--store-ema", "--ema-fp32", "--ema-decay", "0.5"]
 
 
 def _launch(save_dir, world, max_epoch, port=None):
@@ -139,7 +139,9 @@ def _assert_same_training_state(got, ref, label):
         a = got["model"] if part == "model" else got["extra_state"][part]
         b = ref["model"] if part == "model" else ref["extra_state"][part]
         assert set(a) == set(b), (label, part)
-        for k in b:
+        # attention key biases get a gradient that is zero but for rounding (softmax ignores them), which Adam
+        # turns into steps of +-lr: they differ by summation order alone
+        for k in (k for k in b if not k.endswith("self_attn.k_proj.bias")):
             torch.testing.assert_close(a[k].float(), b[k].float(), rtol=0, atol=2e-5, msg=f"{label} {part} {k}")
     sa, sb = got["last_optimizer_state"]["state"], ref["last_optimizer_state"]["state"]
     assert set(sa) == set(sb), label
@@ -155,25 +157,25 @@ def test_resume_on_other_world_sizes_equals_a_one_process_resume(tmp_path):
     gathered) ends where a 1-process resume of the same checkpoint ends: weights, EMA (fp32 copy included), Adam moments and
     update count. Before: 1->2 crashed at the first step (moments of all experts), 2->1 restarted at update 0
     and crashed in fairseq's ema.py, 2->4 gave ranks the wrong fp32 EMA experts and fresh moments."""
-    ref = _launch(tmp_path / "ref", 1, 2)
-    half = _launch(tmp_path / "two", 2, 2, _port())
+    ref = _launch(tmp_path / "ref", 1, 1)
+    half = _launch(tmp_path / "two", 2, 1, _port())
     _finish(ref), _finish(half)
     for name in ("one_to_one", "one_to_two", "two_to_one", "two_to_four"):
         (tmp_path / name).mkdir()
         src = tmp_path / ("ref" if name.startswith("one") else "two") / "checkpoint_last.pt"
         (tmp_path / name / "checkpoint_last.pt").write_bytes(src.read_bytes())
-    runs = {"one_to_one": _launch(tmp_path / "one_to_one", 1, 4),
-            "one_to_two": _launch(tmp_path / "one_to_two", 2, 4, _port()),
-            "two_to_one": _launch(tmp_path / "two_to_one", 1, 4),
-            "two_to_four": _launch(tmp_path / "two_to_four", 4, 4, _port())}
+    runs = {"one_to_one": _launch(tmp_path / "one_to_one", 1, 2),
+            "one_to_two": _launch(tmp_path / "one_to_two", 2, 2, _port()),
+            "two_to_one": _launch(tmp_path / "two_to_one", 1, 2),
+            "two_to_four": _launch(tmp_path / "two_to_four", 4, 2, _port())}
     outs = {name: _finish(procs) for name, procs in runs.items()}
     # the reference resumes on the same world size: fairseq's own resume of this 1-process run does not end
     # bitwise where an uninterrupted run ends (seen: 0.016 after 4 more Adam updates, also without expert
     # parallelism in the picture), so the uninterrupted run cannot be the yardstick here
     reference = torch.load(tmp_path / "one_to_one" / "checkpoint_last.pt", map_location="cpu", weights_only=False)
-    assert reference["optimizer_history"][-1]["num_updates"] == 8
+    assert reference["optimizer_history"][-1]["num_updates"] == 4
     for name, out in outs.items():
-        assert "@ 4 updates" in out and "@ 0 updates" not in out, (name, out[-3000:])
+        assert "@ 2 updates" in out and "@ 0 updates" not in out, (name, out[-3000:])
         got = torch.load(tmp_path / name / "checkpoint_last.pt", map_location="cpu", weights_only=False)
         _assert_same_training_state(got, reference, name)
 
