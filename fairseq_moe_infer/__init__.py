@@ -18,21 +18,13 @@ _ROOT = os.path.dirname(_HERE)
 if not os.path.isdir(os.path.join(_HERE, "tasks")) and os.path.isfile(os.path.join(_ROOT, "tasks", "__init__.py")):
     __path__.append(_ROOT)  # noqa: F821 (package __path__)
 
-from . import checkpoint, fairseq_patches  # noqa: E402
-
-fairseq_patches.install()
+from . import checkpoint  # noqa: E402
 
 checkpoint.allow_fairseq_checkpoint_globals()
-checkpoint.install_shard_loader()
 
-from . import training  # noqa: E402
+from . import fairseq_patches  # noqa: E402
 
-training.install_checkpoint_save_hook()
-training.install_checkpoint_load_hook()
-
-from . import expert_parallel_eval  # noqa: E402
-
-expert_parallel_eval.install_eval_lm_hook()
+fairseq_patches.install_all()  # every wrapped fairseq function is listed there, with why
 
 from . import criterions, models, tasks  # noqa: E402,F401 (fairseq registrations)
 

@@ -21,7 +21,7 @@ take the data folder as their positional argument anyway.
 per-rank expert files), a checkpoint written by ``scripts/export_checkpoint.py``
 keeps every non-expert tensor in the main file and the experts in shard files
 beside it, listed under ``moe_expert_shards``; shard i holds experts
-``[i * E / n, (i + 1) * E / n)`` of every MoE layer. :func:`install_shard_loader`
+``[i * E / n, (i + 1) * E / n)`` of every MoE layer. :func:`load_checkpoint_to_cpu`
 wraps fairseq's ``checkpoint_utils.load_checkpoint_to_cpu`` so that the stock
 tools' ``--path checkpoint.pt`` loads the shards too.
 """
@@ -36,10 +36,9 @@ import tempfile
 from typing import Dict, List, Optional
 
 import torch
-from fairseq import checkpoint_utils
 
 from .cli import exit_with_error, in_fairseq_tool
-from .moe.experts import stack_per_expert_keys
+from .moe.experts import EXPERT_KEY_PART, is_expert_key, stack_per_expert_keys
 
 SHARDS_KEY = "moe_expert_shards"
 
@@ -147,37 +146,27 @@ def _merge_shards(state: Dict, path: str) -> Dict:
     return state
 
 
-def install_shard_loader() -> None:
-    """Make ``checkpoint_utils.load_checkpoint_to_cpu`` merge expert shards (idempotent)."""
-    original = checkpoint_utils.load_checkpoint_to_cpu
-    if getattr(original, "_moe_shards", False):
-        return
-
-    def load_checkpoint_to_cpu(path, arg_overrides=None, load_on_all_ranks=False):
-        try:
-            state = original(path, arg_overrides, load_on_all_ranks)
-        except Exception as e:  # torch.load of a file that is no (allowed) checkpoint
-            problem = describe_load_error(path, e)
-            if problem is None:
-                raise
-            if in_fairseq_tool():
-                exit_with_error(problem)
-            raise CheckpointError(problem) from None
-        try:
-            check_finite({k: v for k, v in state.get("model", {}).items() if _is_expert_key(k)}, path)
-            return _merge_shards(state, path)
-        except (FileNotFoundError, RuntimeError) as e:
-            if in_fairseq_tool():  # one line naming the fix instead of a traceback
-                exit_with_error(str(e))
+def load_checkpoint_to_cpu(original, path, arg_overrides=None, load_on_all_ranks=False):
+    """Wraps ``fairseq.checkpoint_utils.load_checkpoint_to_cpu`` (every stock tool's ``--path``
+    goes through it): a file that is no (allowed) checkpoint is named in one line; expert tensors
+    must be finite; merges the expert shard files a serving checkpoint lists; a missing or
+    unreadable shard ends a fairseq tool with one line naming the file."""
+    try:
+        state = original(path, arg_overrides, load_on_all_ranks)
+    except Exception as e:  # torch.load of a file that is no (allowed) checkpoint
+        problem = describe_load_error(path, e)
+        if problem is None:
             raise
-
-    load_checkpoint_to_cpu._moe_shards = True
-    load_checkpoint_to_cpu.__doc__ = original.__doc__
-    checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu
-
-
-def _is_expert_key(key: str) -> bool:
-    return ".moe_layer.experts." in key
+        if in_fairseq_tool():
+            exit_with_error(problem)
+        raise CheckpointError(problem) from None
+    try:
+        check_finite({k: v for k, v in state.get("model", {}).items() if is_expert_key(k)}, path)
+        return _merge_shards(state, path)
+    except (FileNotFoundError, RuntimeError) as e:
+        if in_fairseq_tool():  # one line naming the fix instead of a traceback
+            exit_with_error(str(e))
+        raise
 
 
 def read_checkpoint(path: str) -> Dict:
@@ -284,7 +273,7 @@ def save_serving_checkpoint(meta: Dict, model: Dict[str, torch.Tensor], out_path
     """
     out = strip_machine_paths(dict(meta))
     out.pop(SHARDS_KEY, None)
-    out["model"] = {k: v for k, v in model.items() if not (num_shards and _is_expert_key(k))}
+    out["model"] = {k: v for k, v in model.items() if not (num_shards and is_expert_key(k))}
     folder = os.path.dirname(out_path) or "."
     files = {out_path: out}
     if num_shards:
@@ -292,7 +281,7 @@ def save_serving_checkpoint(meta: Dict, model: Dict[str, torch.Tensor], out_path
         names = [f"{stem}.experts-{i}-of-{num_shards}.pt" for i in range(num_shards)]
         shards = [{} for _ in names]
         for key, t in model.items():
-            if not _is_expert_key(key):
+            if not is_expert_key(key):
                 continue
             if t.shape[0] % num_shards:
                 raise ValueError(f"{num_shards} shards do not divide the {t.shape[0]} experts of {key}")
@@ -338,7 +327,7 @@ def _verify_written(temps: Dict[str, str], out_path: str, model: Dict[str, torch
         )
 
 
-_BRANCH_EXPERT = re.compile(r"^(.*\.moe_layer\.experts\.)(\d+)\.(fc1|fc2)\.(weight|bias)$")
+_BRANCH_EXPERT = re.compile(rf"^(.*{re.escape(EXPERT_KEY_PART)})(\d+)\.(fc1|fc2)\.(weight|bias)$")
 _ARCH_MAP = {"transformer_lm": "transformer_lm_moe", "transformer": "transformer_moe"}
 _TASK_MAP = {"language_modeling": "moe_language_modeling", "translation": "moe_translation"}
 
@@ -392,13 +381,26 @@ def convert_fairseq_moe_branch(shared_path: str, out_path: str, num_shards: int 
             raise ValueError(f"{e}; a rank file is missing") from None
     num_experts = model[f"{next(iter(prefixes))}fc1_weight"].shape[0] if prefixes else 0
     meta = {k: shared[k] for k in ("args", "cfg") if k in shared}
-    _rename_config(meta, num_experts)
-    meta["extra_state"] = {"converted_from": os.path.basename(shared_path)}
+    settings = _rename_config(meta, num_experts)
+    meta["extra_state"] = {"converted_from": os.path.basename(shared_path), "fairseq_moe_branch": settings}
     meta["optimizer_history"] = shared.get("optimizer_history", [])[-1:]  # fairseq's loader reads its last entry
     return save_serving_checkpoint(meta, model, out_path, num_shards)
 
 
-def _rename_config(meta: Dict, num_experts: int) -> None:
+def branch_eval_args(settings: Dict) -> List[str]:
+    """The ``moe_*`` task flags that evaluate a converted checkpoint with the branch's stored
+    evaluation capacity (``extra_state["fairseq_moe_branch"]``; a negative fraction, the branch's
+    "use the training capacity", is 0 here)."""
+    fraction = settings.get("moe_eval_capacity_token_fraction")
+    if fraction is None:
+        return []
+    return ["--moe-eval-capacity-token-fraction", str(max(float(fraction), 0.0))]
+
+
+def _rename_config(meta: Dict, num_experts: int) -> Dict:
+    """Rename the branch's config to this plugin's and carry its MoE settings; returns those settings
+    (``use_moe_pad_mask``, ``moe_capacity_factor``, ``moe_eval_capacity_token_fraction``, ``moe_freq``)."""
+    settings: Dict = {}
     cfg = meta.get("cfg") or {}
     for section, mapping in (("model", _ARCH_MAP), ("task", _TASK_MAP)):
         c = cfg.get(section) if isinstance(cfg, dict) else None
@@ -420,3 +422,11 @@ def _rename_config(meta: Dict, num_experts: int) -> None:
             if num_experts and get("moe_expert_count") not in (None, num_experts):
                 raise ValueError(f"cfg says moe_expert_count={get('moe_expert_count')} but the rank files hold {num_experts}")
             put("moe_expert_count", num_experts or get("moe_expert_count"))
+            # the branch routes padding unless --use-moe-pad-mask was given (its default: off)
+            put("use_moe_pad_mask", bool(get("use_moe_pad_mask") or False))
+            # the branch's top-2 training capacity 2 * ceil(T / E) is capacity factor 1.0 here
+            if get("moe_capacity_factor") is None:
+                put("moe_capacity_factor", 1.0)
+            for key in ("use_moe_pad_mask", "moe_capacity_factor", "moe_eval_capacity_token_fraction", "moe_freq"):
+                settings[key] = get(key)
+    return settings

@@ -4,9 +4,10 @@ fairseq's eval-lm gives each rank a shard of the batches, padded with empty
 batches so that all shards have the same length, and skips the empty ones
 without running the model. With sharded experts every forward is a collective
 (all-to-all), so a rank that skips a batch would leave the others waiting. It
-also logs each rank's own loss only. :func:`install_eval_lm_hook` wraps
-``fairseq_cli.eval_lm.eval_lm`` (the function ``fairseq-eval-lm`` calls per run)
-so that, when the models' experts are sharded:
+also logs each rank's own loss only. :func:`eval_lm` wraps
+``fairseq_cli.eval_lm.eval_lm`` (the function ``fairseq-eval-lm`` calls per run;
+installed by :mod:`fairseq_moe_infer.fairseq_patches`) so that, when the models'
+experts are sharded:
 
 * an empty batch runs a one-token dummy forward through every model (its MoE
   counters are restored, so the end-of-run summary counts real tokens only);
@@ -17,9 +18,13 @@ so that, when the models' experts are sharded:
 Token counting follows eval-lm: a batch's ``ntokens`` minus one token per
 sentence when ``remove_bos_token`` (eval-lm also drops tokens scored +-inf,
 which it logs; their count is not seen here). ``--post-process``/``--remove-bpe``
-(eval-lm then scores merged words) is refused under expert parallelism.
+(eval-lm then scores merged words) is refused under expert parallelism, and so is
+``--context-window`` by the ``moe_language_modeling`` task (fairseq gives each rank
+every W-th batch, so a rank's context would come from its own previous batch, not
+the preceding text: a different perplexity than one process).
 """
 
+import functools
 import math
 import os
 import sys
@@ -77,44 +82,54 @@ def _combine_over_ranks(results: dict, tokens: int, device: torch.device) -> dic
                 loss_this_rank=results["loss"])
 
 
-def install_eval_lm_hook() -> None:
-    """Wrap ``fairseq_cli.eval_lm.eval_lm`` as described in the module docstring (once; no-op
-    where fairseq_cli is not importable or the experts are not sharded)."""
+def eval_lm(original, models, source_dictionary, batch_iterator, *args, **kwargs):
+    """Wraps ``fairseq_cli.eval_lm.eval_lm`` as described in the module docstring (no-op where
+    the experts are not sharded)."""
+    if max((expert_parallel_world(m) for m in models), default=1) == 1:
+        return original(models, source_dictionary, batch_iterator, *args, **kwargs)
+    if kwargs.get("post_process"):
+        # eval-lm then averages over words (BPE continuations merged), a count this wrapper does not see
+        exit_with_error(
+            "expert-parallel fairseq-eval-lm cannot combine the ranks' losses with --post-process/--remove-bpe; "
+            "drop it, or evaluate on one process"
+        )
+    import fairseq_cli.eval_lm as cli
+
+    remove_bos = kwargs.get("remove_bos_token", False)
+    batches = _MatchedBatches(batch_iterator, models, source_dictionary.eos(), remove_bos)
+    results = original(models, source_dictionary, batches, *args, **kwargs)
+    out = _combine_over_ranks(results, batches.tokens, next(models[0].parameters()).device)
+    cli.logger.info(ALL_RANKS_LINE.format(results["loss"], batches.tokens, out["loss"], out["tokens_all_ranks"]))
+    if not math.isfinite(out["loss"]):
+        raise FloatingPointError("expert-parallel eval-lm: the combined loss is not finite")
+    return out
+
+
+def install_eval_lm_wrap(wrapper) -> None:
+    """Install ``wrapper`` (``wrapper(original, *args, **kwargs)``) over ``fairseq_cli.eval_lm.eval_lm``
+    (once; no-op where fairseq_cli is not importable), also in the copies of that module which
+    ``python -m fairseq_cli.eval_lm`` and fairseq's spawned workers run."""
     try:
         import fairseq_cli.eval_lm as cli
     except ImportError:  # pragma: no cover - fairseq without its CLI
         return
-    _wrap(cli)
+    _wrap(cli, wrapper)
     # ``python -m fairseq_cli.eval_lm`` runs a second copy as __main__; in the workers that fairseq
     # spawns for --distributed-world-size, multiprocessing re-runs it as __mp_main__
     for name in ("__main__", "__mp_main__"):
         main = sys.modules.get(name)
         if main is not None and (getattr(main, "__file__", "") or "").endswith(os.path.join("fairseq_cli", "eval_lm.py")):
-            _wrap(main)
+            _wrap(main, wrapper)
 
 
-def _wrap(cli) -> None:
+def _wrap(cli, wrapper) -> None:
     if getattr(cli.eval_lm, "_moe_wrapped", False):
         return
     original = cli.eval_lm
 
-    def eval_lm(models, source_dictionary, batch_iterator, *args, **kwargs):
-        if max((expert_parallel_world(m) for m in models), default=1) == 1:
-            return original(models, source_dictionary, batch_iterator, *args, **kwargs)
-        if kwargs.get("post_process"):
-            # eval-lm then averages over words (BPE continuations merged), a count this wrapper does not see
-            exit_with_error(
-                "expert-parallel fairseq-eval-lm cannot combine the ranks' losses with --post-process/--remove-bpe; "
-                "drop it, or evaluate on one process"
-            )
-        remove_bos = kwargs.get("remove_bos_token", False)
-        batches = _MatchedBatches(batch_iterator, models, source_dictionary.eos(), remove_bos)
-        results = original(models, source_dictionary, batches, *args, **kwargs)
-        out = _combine_over_ranks(results, batches.tokens, next(models[0].parameters()).device)
-        cli.logger.info(ALL_RANKS_LINE.format(results["loss"], batches.tokens, out["loss"], out["tokens_all_ranks"]))
-        if not math.isfinite(out["loss"]):
-            raise FloatingPointError("expert-parallel eval-lm: the combined loss is not finite")
-        return out
+    @functools.wraps(original)
+    def eval_lm(*args, **kwargs):
+        return wrapper(original, *args, **kwargs)
 
     eval_lm._moe_wrapped = True
     cli.eval_lm = eval_lm

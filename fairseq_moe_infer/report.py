@@ -4,9 +4,11 @@ The stock tools have no end-of-run hook for tasks, so the task registers
 :func:`MoERunReport.finish` with ``atexit``. The report covers evaluation-mode
 forwards only and gives:
 
-* ``tokens_per_s``: non-padding tokens entering the MoE stacks (first MoE layer
-  of the encoder plus first MoE layer of the decoder) over the wall time from
-  the first to the last MoE-layer forward;
+* ``wall_tokens_per_s``: non-padding tokens entering the MoE stacks (first MoE layer
+  of the encoder plus first MoE layer of the decoder) over ``wall_s``, the wall time
+  from the first to the last MoE-layer forward. That span includes everything the
+  tool does in between (attention, beam search, data loading): it is the tool's
+  throughput, not the MoE layers' own speed (benchmarks/ measures that with CUDA events);
 * ``peak_accelerator_memory_bytes``: ``torch.cuda.max_memory_allocated`` (None on CPU);
 * ``dropped`` / ``routed``: top-k choices dropped for capacity / all valid choices;
 * per layer: tokens, routed, dropped and tokens per expert.
@@ -80,8 +82,8 @@ class MoERunReport:
             "gating": self.gating,
             "eval_capacity_token_fraction": self.fraction if self.gating == "static" else None,  # static only
             "tokens": tokens,
-            "elapsed_s": round(elapsed, 4),
-            "tokens_per_s": round(tokens / elapsed, 1) if elapsed > 0 else None,
+            "wall_s": round(elapsed, 4),
+            "wall_tokens_per_s": round(tokens / elapsed, 1) if elapsed > 0 else None,
             "peak_accelerator_memory_bytes": peak,
             "routed": routed,
             "dropped": dropped,
@@ -105,8 +107,8 @@ class MoERunReport:
             self._write(s)
             return s
         logger.info(
-            "MoE summary: gating=%s tokens=%d tokens/s=%s dropped=%d/%d (%.2f%%) peak accelerator memory=%s",
-            s["gating"], s["tokens"], s["tokens_per_s"], s["dropped"], s["routed"], 100 * s["drop_rate"],
+            "MoE summary: gating=%s tokens=%d wall tokens/s=%s dropped=%d/%d (%.2f%%) peak accelerator memory=%s",
+            s["gating"], s["tokens"], s["wall_tokens_per_s"], s["dropped"], s["routed"], 100 * s["drop_rate"],
             "n/a" if s["peak_accelerator_memory_bytes"] is None else f"{s['peak_accelerator_memory_bytes'] / 2**20:.0f} MiB",
         )
         for name, v in s["layers"].items():

@@ -13,12 +13,15 @@ gradient norm; this module supplies the rest:
 * **torch DDP** (``--ddp-backend pytorch_ddp``, fairseq's default) is told to
   ignore expert parameters: neither broadcast at start nor all-reduced;
 * **checkpoints** -- fairseq writes on rank 0 only; before each save the ranks
-  gather their experts on rank 0 so the checkpoint holds all E of them (any world
-  size, one process included, can load it). The optimizer state is rank 0's only,
-  so expert-parallel checkpoints are written without it (see
-  :func:`install_checkpoint_save_hook`); on resume (:func:`install_checkpoint_load_hook`)
-  every rank reads the file itself, the update count and learning-rate schedule
-  continue, and the optimizer moments start fresh, with a warning;
+  gather on rank 0 their experts, the optimizer state of their experts (Adam moments,
+  SGD momentum) and, with ``--store-ema --ema-fp32``, the fp32 EMA copy of their experts,
+  so the checkpoint holds all E experts everywhere and resumes on any world size (one
+  process included): on load every rank takes its share of each of them
+  (:func:`save_checkpoint`, :func:`load_checkpoint`, :func:`trainer_state_dict`,
+  :func:`ema_build_fp32_params`, installed by :mod:`fairseq_moe_infer.fairseq_patches`).
+  A checkpoint without optimizer state (``--no-save-optimizer-state``, or written by an
+  earlier version) still continues the update count and learning-rate schedule of its
+  optimizer history, with a warning that the moments start fresh;
 * **equal batch counts** -- fairseq pads every rank's shard with dummy batches,
   which run the forward pass (and its all-to-alls) with zero loss weight.
 
@@ -28,11 +31,14 @@ or a fully-sharded / SlowMo data-parallel backend.
 """
 
 import logging
+from itertools import chain
+from typing import Dict, Optional, Tuple
 
+import torch
 from torch import nn
 
 from .cli import exit_with_error
-from .moe import moe_layers
+from .moe import EXPERT_PARAMS, Experts, gather_expert_stack, is_expert_param, moe_layers
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +69,7 @@ def prepare_expert_parallel_training(model: nn.Module) -> int:
         return world
     names = []
     for n, p in model.named_parameters():
-        if getattr(p, "expert", False):
+        if is_expert_param(p):
             names.append(n)
             p.register_hook(lambda g, w=world: g / w)
     setattr(model, _ignore_attr, list(getattr(model, _ignore_attr, [])) + names)
@@ -106,10 +112,9 @@ def check_expert_grads_finite(model: nn.Module, optimizer) -> None:
     """
     if expert_parallel_world(model) == 1:
         return
-    import torch
     import torch.distributed as dist
 
-    grads = [p.grad for p in model.parameters() if getattr(p, "expert", False) and p.grad is not None]
+    grads = [p.grad for p in model.parameters() if is_expert_param(p) and p.grad is not None]
     device = grads[0].device if grads else next(model.parameters()).device
     flag = torch.zeros(1, device=device)
     for g in grads:
@@ -123,79 +128,212 @@ def check_expert_grads_finite(model: nn.Module, optimizer) -> None:
         raise FloatingPointError("expert gradients are not finite on some expert-parallel rank")
 
 
-def install_checkpoint_save_hook() -> None:
-    """Wrap ``fairseq.checkpoint_utils.save_checkpoint`` (called by every rank of
-    ``fairseq-train``) so that expert-parallel runs save all experts.
+def _expert_owners(model: nn.Module, by: str) -> Dict:
+    """Map each expert tensor of ``model`` to ``(Experts module, expert-parallel group)``:
+    keyed by ``id(parameter)`` (``by="param"``) or by state-dict key (``by="key"``)."""
+    out = {}
+    for name, m in moe_layers(model, named=True):
+        for p in EXPERT_PARAMS:
+            out[id(getattr(m.experts, p)) if by == "param" else f"{name}.experts.{p}"] = (m.experts, m.group)
+    return out
 
-    Every rank sends its experts to rank 0 (into CPU memory), rank 0 writes the checkpoint with the
-    full [E, ...] stacks, then the copies are dropped. With N > 1 the optimizer
-    state is not saved (it would hold rank 0's experts only); a warning says so.
+
+def _optimizer_params(trainer) -> list:
+    """The parameters in the order fairseq's trainer hands them to the optimizer
+    (``Trainer._build_optimizer``): index i of the optimizer's state dict is the i-th."""
+    return [p for p in chain(trainer.model.parameters(), trainer.criterion.parameters()) if p.requires_grad]
+
+
+def _is_stack_of(v, p) -> bool:
+    return torch.is_tensor(v) and v.dim() >= 1 and v.shape[1:] == p.shape[1:]
+
+
+def gather_optimizer_state(trainer) -> Optional[dict]:
+    """fairseq's optimizer state dict with the state of every expert parameter gathered over the
+    expert-parallel ranks (a collective: every rank calls it).
+
+    Per expert parameter, every state tensor shaped like the parameter ([E_local, ...]: Adam's
+    ``exp_avg`` / ``exp_avg_sq``, SGD's ``momentum_buffer``) becomes the [E, ...] stack of all
+    ranks (rank r's rows ``[r * E_local, (r + 1) * E_local)``); scalars (``step``) are rank 0's.
+    A rank without state for a parameter yet (no gradient reached it) contributes zeros.
+
+    Returns:
+        rank 0: the state dict (CPU copies of the gathered tensors, the rest shared with the live
+        optimizer); other ranks: None.
     """
-    from fairseq import checkpoint_utils
+    import torch.distributed as dist
 
-    if getattr(checkpoint_utils.save_checkpoint, "_moe_wrapped", False):
+    owners = _expert_owners(trainer.model, by="param")
+    params = _optimizer_params(trainer)
+    slots = [(i, p, owners[id(p)][1]) for i, p in enumerate(params) if id(p) in owners]
+    full = trainer.optimizer.state_dict()
+    state = full["state"]
+    # agree on which state entries exist (a rank may have none yet for some parameter):
+    # stacks by dtype, scalars by value
+    mine = {
+        i: {k: ("stack", v.dtype) if _is_stack_of(v, p) else ("value", v) for k, v in state.get(i, {}).items()}
+        for i, p, _ in slots
+    }
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    new_state = dict(state)
+    for i, p, group in slots:
+        entries: Dict[str, Tuple] = {}
+        for desc in everyone:
+            for k, d in desc.get(i, {}).items():
+                entries.setdefault(k, d)
+        if not entries:
+            continue
+        entry = dict(state.get(i, {}))
+        for k in sorted(entries):
+            kind, what = entries[k]
+            if kind == "value":
+                entry.setdefault(k, what)
+                continue
+            local = entry.get(k)
+            local = torch.zeros(p.shape, dtype=what, device=p.device) if local is None else local.to(p.device)
+            entry[k] = gather_expert_stack(local, group)
+        new_state[i] = entry
+    return dict(full, state=new_state) if dist.get_rank() == 0 else None
+
+
+def slice_optimizer_state(trainer) -> None:
+    """After fairseq loaded an optimizer state holding all E experts (any checkpoint written by
+    this plugin, or by one process), keep this rank's share of every expert state tensor.
+    No-op where the state already matches (one process, or nothing loaded).
+
+    Raises:
+        MoEConfigError: a state tensor whose expert count matches neither E nor E_local.
+    """
+    if getattr(trainer, "_optimizer", None) is None:
         return
-    original = checkpoint_utils.save_checkpoint
+    torch_opt = trainer.optimizer.optimizer
+    flat = [p for g in torch_opt.param_groups for p in g["params"]]
+    params = _optimizer_params(trainer)
+    if len(flat) != len(params):  # an optimizer fairseq built differently: nothing known to slice
+        return
+    owners = _expert_owners(trainer.model, by="param")
+    for i, p in enumerate(params):
+        if id(p) not in owners or flat[i] not in torch_opt.state:
+            continue
+        experts: Experts = owners[id(p)][0]
+        st = torch_opt.state[flat[i]]
+        for k, v in list(st.items()):
+            if _is_stack_of(v, p) and v.shape[0] != p.shape[0]:
+                st[k] = experts.local_share(f"optimizer state {k} of an expert parameter", v).clone()
 
-    def save_checkpoint(cfg, trainer, epoch_itr, val_loss):
-        models = [trainer.model]
-        if getattr(trainer, "ema", None) is not None:  # --store-ema: its copy is saved too
-            models.append(trainer.ema.get_model())
-        layers = [m for model in models for m in moe_layers(model) if m.group is not None]
-        if not layers or cfg.no_save:
-            return original(cfg, trainer, epoch_itr, val_loss)
-        if not cfg.no_save_optimizer_state:
-            logger.warning(
-                "expert-parallel checkpoint: optimizer state not saved (it holds rank 0's experts only); "
-                "a resumed run starts a fresh optimizer"
-            )
-            cfg.no_save_optimizer_state = True
+
+def gather_ema_fp32(trainer) -> Optional[dict]:
+    """The fp32 EMA copy (``--store-ema --ema-fp32``) with its expert tensors gathered over the
+    expert-parallel ranks (a collective). Returns rank 0's complete dict; None elsewhere or
+    without an fp32 EMA copy."""
+    import torch.distributed as dist
+
+    ema = getattr(trainer, "ema", None)
+    fp32 = getattr(ema, "fp32_params", None)
+    if not fp32:
+        return None
+    owners = _expert_owners(ema.get_model(), by="key")
+    full = dict(fp32)
+    for key in sorted(k for k in fp32 if k in owners):  # the same order on every rank
+        full[key] = gather_expert_stack(fp32[key], owners[key][1])
+    return full if dist.get_rank() == 0 else None
+
+
+def local_expert_share(model: nn.Module, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """A copy of ``state_dict`` whose expert stacks of all E experts are cut to ``model``'s share
+    (:meth:`Experts.local_share`); other entries are kept as they are."""
+    out = dict(state_dict)
+    for key, (experts, _) in _expert_owners(model, by="key").items():
+        if key in out:
+            out[key] = experts.local_share(key, out[key])
+    return out
+
+
+# ---- the wraps of fairseq functions (installed by fairseq_moe_infer.fairseq_patches) --------------
+
+
+def save_checkpoint(original, cfg, trainer, epoch_itr, val_loss):
+    """Wraps ``fairseq.checkpoint_utils.save_checkpoint`` (called by every rank of
+    ``fairseq-train``; only rank 0 writes): under expert parallelism the ranks first gather their
+    experts (model and EMA model), their experts' optimizer state and fp32 EMA copy on rank 0,
+    where :func:`trainer_state_dict` puts them in the checkpoint."""
+    models = [trainer.model]
+    if getattr(trainer, "ema", None) is not None:  # --store-ema: its copy is saved too
+        models.append(trainer.ema.get_model())
+    layers = [m for model in models for m in moe_layers(model) if m.group is not None]
+    if not layers or cfg.no_save:
+        return original(cfg, trainer, epoch_itr, val_loss)
+    for m in layers:
+        m.experts.gather_for_save(m.group)
+    trainer._moe_gathered = {
+        "optimizer": None if cfg.no_save_optimizer_state else gather_optimizer_state(trainer),
+        "ema_fp32": gather_ema_fp32(trainer),
+    }
+    try:
+        return original(cfg, trainer, epoch_itr, val_loss)
+    finally:
+        trainer._moe_gathered = None
         for m in layers:
-            m.experts.gather_for_save(m.group)
-        try:
-            return original(cfg, trainer, epoch_itr, val_loss)
-        finally:
-            for m in layers:
-                m.experts.release_gathered()
-
-    save_checkpoint._moe_wrapped = True
-    checkpoint_utils.save_checkpoint = save_checkpoint
+            m.experts.release_gathered()
 
 
-def install_checkpoint_load_hook() -> None:
-    """Wrap ``fairseq.checkpoint_utils.load_checkpoint`` (called by every rank of
-    ``fairseq-train`` to resume) for expert-parallel runs.
+def trainer_state_dict(original, trainer) -> dict:
+    """Wraps ``fairseq.trainer.Trainer.state_dict`` (rank 0 builds the checkpoint with it): puts
+    in the optimizer state and fp32 EMA copy gathered by :func:`save_checkpoint`; fairseq would
+    save rank 0's own (its experts only, wrong for every other rank)."""
+    out = original(trainer)
+    gathered = getattr(trainer, "_moe_gathered", None) or {}
+    if gathered.get("optimizer") is not None and "last_optimizer_state" in out:
+        out["last_optimizer_state"] = gathered["optimizer"]
+    if gathered.get("ema_fp32") is not None and "ema_fp32_params" in out.get("extra_state", {}):
+        out["extra_state"]["ema_fp32_params"] = gathered["ema_fp32"]
+    return out
 
-    Every rank reads the checkpoint file itself (``--load-checkpoint-on-all-dp-ranks``):
-    fairseq would otherwise broadcast rank 0's copy, which torch's weights-only load
-    refuses on the other ranks. A checkpoint saved without optimizer state (as
-    expert-parallel ones are) makes fairseq restart the update count and the
-    learning-rate schedule at 0; they are restored from its optimizer history unless
-    ``--reset-optimizer`` / ``--reset-lr-scheduler`` ask otherwise.
+
+def ema_build_fp32_params(original, ema, state_dict=None):
+    """Wraps ``fairseq.models.ema.EMA.build_fp32_params`` (fairseq's trainer calls it with the
+    checkpoint's ``ema_fp32_params`` on resume): an expert stack of all E experts is cut to this
+    rank's share first; fairseq would copy it whole into the rank's [E_local, ...] tensor
+    (a shape error) or, saved per rank, give every rank rank 0's experts."""
+    if state_dict is not None:
+        state_dict = local_expert_share(ema.get_model(), state_dict)
+    return original(ema, state_dict)
+
+
+def load_checkpoint(original, cfg, trainer, **kwargs):
+    """Wraps ``fairseq.checkpoint_utils.load_checkpoint`` (every rank of ``fairseq-train`` calls
+    it to resume) for models with MoE layers, any world size:
+
+    * under expert parallelism every rank reads the file itself
+      (``--load-checkpoint-on-all-dp-ranks``, logged when set here): fairseq would otherwise
+      broadcast rank 0's copy, which torch's weights-only load refuses on the other ranks;
+    * the optimizer state of expert parameters, saved for all E experts, is cut to this rank's
+      share (:func:`slice_optimizer_state`);
+    * a checkpoint without optimizer state makes fairseq restart the update count and the
+      learning-rate schedule at 0; they are restored from its optimizer history unless
+      ``--reset-optimizer`` / ``--reset-lr-scheduler`` ask otherwise (a warning says the
+      moments start fresh).
     """
-    from fairseq import checkpoint_utils
-
-    if getattr(checkpoint_utils.load_checkpoint, "_moe_wrapped", False):
-        return
-    original = checkpoint_utils.load_checkpoint
-
-    def load_checkpoint(cfg, trainer, **kwargs):
-        model = getattr(trainer, "_model", None) or trainer.model
-        if expert_parallel_world(model) == 1:
-            return original(cfg, trainer, **kwargs)
+    model = getattr(trainer, "_model", None) or trainer.model
+    if not moe_layers(model):
+        return original(cfg, trainer, **kwargs)
+    if expert_parallel_world(model) > 1 and not cfg.load_checkpoint_on_all_dp_ranks:
+        logger.info(
+            "expert parallelism: setting --load-checkpoint-on-all-dp-ranks (every rank reads the checkpoint; "
+            "fairseq's broadcast of rank 0's copy is refused by torch's weights-only load)"
+        )
         cfg.load_checkpoint_on_all_dp_ranks = True
-        out = original(cfg, trainer, **kwargs)
-        history = getattr(trainer, "_optim_history", None) or []
-        last = history[-1] if history else {}
-        if not cfg.reset_optimizer and trainer.get_num_updates() == 0 and last.get("num_updates", 0) > 0:
-            if not cfg.reset_lr_scheduler and "lr_scheduler_state" in last:
-                trainer.lr_scheduler.load_state_dict(last["lr_scheduler_state"])
-            trainer.set_num_updates(last["num_updates"])
-            logger.warning(
-                f"resumed expert-parallel training at update {last['num_updates']}: update count and "
-                "learning-rate schedule restored, optimizer moments start fresh (not saved for expert-parallel runs)"
-            )
-        return out
-
-    load_checkpoint._moe_wrapped = True
-    checkpoint_utils.load_checkpoint = load_checkpoint
+    out = original(cfg, trainer, **kwargs)
+    slice_optimizer_state(trainer)
+    history = getattr(trainer, "_optim_history", None) or []
+    last = history[-1] if history else {}
+    if not cfg.reset_optimizer and trainer.get_num_updates() == 0 and last.get("num_updates", 0) > 0:
+        if not cfg.reset_lr_scheduler and "lr_scheduler_state" in last:
+            trainer.lr_scheduler.load_state_dict(last["lr_scheduler_state"])
+        trainer.set_num_updates(last["num_updates"])
+        logger.warning(
+            f"resumed training at update {last['num_updates']} from a checkpoint without optimizer state: "
+            "update count and learning-rate schedule restored, optimizer moments start fresh"
+        )
+    return out

@@ -2,6 +2,10 @@
 """Convert a checkpoint of fairseq's MoE branch (``<name>-shared.pt`` + ``<name>-rank-<r>.pt``)
 into this plugin's layout, loadable by the stock tools with ``--user-dir`` and ``--path``.
 
+The branch's stored MoE settings are carried into the config (``use_moe_pad_mask``: padding routed
+unless the branch used --use-moe-pad-mask; capacity factor; MoE frequency); its evaluation capacity
+fraction is a task flag here: the printed ``eval_args`` give it.
+
 Example:
     python scripts/convert_fairseq_moe_checkpoint.py moe_lm/model-shared.pt --out serve/checkpoint.pt --expert-shards 4
     fairseq-eval-lm data-bin --user-dir $(python -m fairseq_moe_infer) --task moe_language_modeling \\
@@ -26,13 +30,19 @@ def main(argv=None):
     p.add_argument("--verbose", action="store_true", help="also show fairseq's import-time log lines")
     a = p.parse_args(argv)
     configure_logging(a.verbose)
-    from fairseq_moe_infer.checkpoint import convert_fairseq_moe_branch  # after configure_logging: fairseq is imported here
+    # after configure_logging: fairseq is imported here
+    from fairseq_moe_infer.checkpoint import branch_eval_args, convert_fairseq_moe_branch
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     try:
         written = convert_fairseq_moe_branch(a.shared, a.out, a.expert_shards)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
-    print(json.dumps({"files": {os.path.basename(w): os.path.getsize(w) for w in written}}))
+    import torch
+
+    with open(a.out, "rb") as f:
+        settings = torch.load(f, map_location="cpu", weights_only=False)["extra_state"]["fairseq_moe_branch"]
+    print(json.dumps({"files": {os.path.basename(w): os.path.getsize(w) for w in written},
+                      "branch_settings": settings, "eval_args": branch_eval_args(settings)}))
 
 
 if __name__ == "__main__":

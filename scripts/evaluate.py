@@ -157,7 +157,7 @@ def moe_brief(stats_path: str) -> dict:
         with open(f"{stats_path}.rank{r}") as f:
             ranks.append(json.load(f))
     peaks = [s["peak_accelerator_memory_bytes"] for s in ranks if s["peak_accelerator_memory_bytes"] is not None]
-    rates = [s["tokens_per_s"] for s in ranks if s["tokens_per_s"] is not None]
+    rates = [s["wall_tokens_per_s"] for s in ranks if s["wall_tokens_per_s"] is not None]
     layers = {}
     for s in ranks:
         for name, v in s["layers"].items():

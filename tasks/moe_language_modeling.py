@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from fairseq.tasks import register_task
 from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageModelingTask
 
+from ..cli import exit_with_error
 from ..inference import MoEInferenceConfig, validate_inference_options
 from .moe_task import MoETaskMixin
 
@@ -21,3 +22,15 @@ class MoELanguageModelingTask(MoETaskMixin, LanguageModelingTask):
     def __init__(self, args, dictionary, output_dictionary=None, targets=None):
         validate_inference_options(args)
         super().__init__(args, dictionary, output_dictionary, targets)
+
+    def eval_lm_dataloader(self, dataset, *args, context_window: int = 0, num_shards: int = 1, **kwargs):
+        """fairseq's eval-lm batches; ``--context-window`` over several ranks is refused with one line:
+        fairseq hands rank r the batches r, r + N, ..., so each rank would take its context from its own
+        previous batch, not the preceding text (a perplexity unlike one process's), and a rank's empty
+        padding batch crashes fairseq's context-window collater."""
+        if context_window > 0 and num_shards > 1:
+            exit_with_error(
+                f"--context-window with {num_shards} ranks: each rank would take its context from its own previous "
+                "batch, not the preceding text; evaluate with --context-window on one process"
+            )
+        return super().eval_lm_dataloader(dataset, *args, context_window=context_window, num_shards=num_shards, **kwargs)

@@ -9,10 +9,12 @@ import torch
 from fairseq import checkpoint_utils
 
 from fairseq_moe_infer.checkpoint import SHARDS_KEY, export_checkpoint
+from fairseq_moe_infer.moe import moe_layers
 
 from .helpers import ASSETS
 
 LM = os.path.join(ASSETS, "checkpoints", "lm_moe")
+DATA = {"data": os.path.join(ASSETS, "lm")}  # the checkpoints name the data directory they were trained on
 
 
 def test_shards_merge_into_full_expert_stacks():
@@ -107,14 +109,35 @@ def test_convert_fairseq_moe_branch_checkpoint(tmp_path, ranks):
         assert torch.equal(state["model"][key], stack), key  # experts renumbered rank-major, stacked
     assert state["cfg"]["model"]["_name"] == "transformer_lm_moe" and state["cfg"]["task"]["_name"] == "moe_language_modeling"
     assert state["cfg"]["model"]["moe_expert_count"] == 16
-    data = {"data": os.path.join(ASSETS, "lm")}  # the bundled dictionary, as the tools' positional argument gives it
-    models, _ = checkpoint_utils.load_model_ensemble([str(tmp_path / "out" / "checkpoint.pt")], arg_overrides=data)
-    ref, _ = checkpoint_utils.load_model_ensemble([os.path.join(LM, "checkpoint.pt")], arg_overrides=data)
+    # the branch's settings are carried: its default routes padding; capacity factor 1.0 = its 2 * ceil(T / E)
+    assert state["cfg"]["model"]["use_moe_pad_mask"] is False and state["cfg"]["model"]["moe_capacity_factor"] == 1.0
+    assert state["extra_state"]["fairseq_moe_branch"]["use_moe_pad_mask"] is False
+    models, _ = checkpoint_utils.load_model_ensemble([str(tmp_path / "out" / "checkpoint.pt")], arg_overrides=DATA)
+    assert all(m.route_padding for m in moe_layers(models[0]))
+    ref, _ = checkpoint_utils.load_model_ensemble([os.path.join(LM, "checkpoint.pt")], arg_overrides=DATA)
     tokens = torch.randint(4, 8000, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         out = models[0].float().eval()(tokens)[0]
         expected = ref[0].float().eval()(tokens)[0]
     torch.testing.assert_close(out, expected)
+
+
+def test_convert_carries_the_branch_pad_mask_and_eval_capacity(tmp_path):
+    from fairseq_moe_infer.checkpoint import branch_eval_args, convert_fairseq_moe_branch
+
+    _branch_layout(tmp_path, 2)
+    shared = torch.load(tmp_path / "model-shared.pt", weights_only=False)
+    shared["cfg"]["model"].update(use_moe_pad_mask=True, moe_eval_capacity_token_fraction=-1.0)
+    torch.save(shared, tmp_path / "model-shared.pt")
+    convert_fairseq_moe_branch(str(tmp_path / "model-shared.pt"), str(tmp_path / "c.pt"))
+    state = checkpoint_utils.load_checkpoint_to_cpu(str(tmp_path / "c.pt"))
+    assert state["cfg"]["model"]["use_moe_pad_mask"] is True
+    assert branch_eval_args(state["extra_state"]["fairseq_moe_branch"]) == ["--moe-eval-capacity-token-fraction", "0.0"]
+    models, _ = checkpoint_utils.load_model_ensemble([str(tmp_path / "c.pt")], arg_overrides=DATA)
+    assert not any(m.route_padding for m in moe_layers(models[0]))
+    # this plugin's own checkpoints: masked
+    own, _ = checkpoint_utils.load_model_ensemble([os.path.join(LM, "checkpoint.pt")], arg_overrides=DATA)
+    assert not any(m.route_padding for m in moe_layers(own[0]))
 
 
 def test_convert_refuses_missing_rank_files(tmp_path):

@@ -17,7 +17,7 @@ def _evaluate_module():
 
 
 def _stats(tokens, routed, dropped, counts, rate, peak, world):
-    return {"tokens": tokens, "routed": routed, "dropped": dropped, "tokens_per_s": rate, "world_size": world,
+    return {"tokens": tokens, "routed": routed, "dropped": dropped, "wall_tokens_per_s": rate, "world_size": world,
             "peak_accelerator_memory_bytes": peak, "layers": {"decoder.layers.1.moe_layer": {"expert_counts": counts}}}
 
 

@@ -67,7 +67,7 @@ def test_eval_lm_static_and_dynamic_agree(lm_checkpoint):
                                   "--gen-subset", "test1", "--tokens-per-sample", "64", "--max-tokens", "1024"] + flags))
         ppl[flags[-1]] = float(re.search(r"Perplexity: ([0-9.]+)", text).group(1))
         summary = re.search(r"moe_summary (.*)", text).group(1)
-        assert '"tokens_per_s"' in summary and '"expert_counts"' in summary
+        assert '"wall_tokens_per_s"' in summary and '"expert_counts"' in summary
         if flags[-1] == "0.05":
             assert '"dropped": 0,' not in summary  # a tiny capacity drops tokens, and says so
     assert ppl["dynamic"] == ppl["1.0"]

@@ -143,3 +143,31 @@ def test_dynamic_layer_captures_in_a_cuda_graph():
         static_x.copy_(x)
         graph.replay()
         assert torch.equal(static_y, eager)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_fp16_expert_parallel_checkpoint_resumes_on_one_gpu_and_back(tmp_path):
+    """--fp16 --fp16-no-flatten-grads (fairseq's FP16Optimizer: Adam on fp32 copies) with NCCL: the 2-GPU
+    checkpoint holds all 4 experts' Adam moments; one GPU resumes it at its update, and 2 GPUs resume that."""
+    import subprocess
+
+    from fairseq_moe_infer.moe import is_expert_key
+
+    from .helpers import ok, tool
+    from .test_fairseq_expert_parallel import ARGS
+
+    args = [str(a) for a in ARGS if a != "--cpu"] + ["--optimizer", "adam", "--lr", "1e-3", "--fp16",
+                                                     "--fp16-no-flatten-grads", "--save-dir", str(tmp_path)]
+    env1 = {**__import__("os").environ, "CUDA_VISIBLE_DEVICES": "0"}
+    ok(subprocess.run(tool("train") + args + ["--distributed-world-size", "2", "--ddp-backend", "pytorch_ddp"],
+                      capture_output=True, text=True))
+    state = torch.load(tmp_path / "checkpoint_last.pt", map_location="cpu", weights_only=False)
+    names = [k for k in state["model"] if is_expert_key(k)]
+    moments = [v["exp_avg"] for v in state["last_optimizer_state"]["state"].values()]
+    assert names and sum(1 for m in moments if m.shape[0] == 4 and m.dim() >= 2) >= 2  # fc1/fc2 weight stacks, all 4
+    one = ok(subprocess.run(tool("train") + args + ["--max-update", "8", "--distributed-world-size", "1", "--update-freq",
+                                                    "2"], capture_output=True, text=True, env=env1))
+    assert "@ 6 updates" in one
+    two = ok(subprocess.run(tool("train") + args + ["--max-update", "10", "--distributed-world-size", "2",
+                                                    "--ddp-backend", "pytorch_ddp"], capture_output=True, text=True))
+    assert "@ 8 updates" in two

@@ -84,6 +84,31 @@ def test_training_capacity_drops_and_gradients_flow():
     assert layer.experts.fc1_weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("k", [1, 2])
+def test_routed_padding_matches_fairseq_branch_default(k):
+    """fairseq's MoE branch without --use-moe-pad-mask (its default) routes padding like real tokens: padding takes
+    capacity slots (real tokens behind it get dropped) and its first choices count in the balancing loss. The
+    float64 reference with no padding mask is exactly that rule; l_aux as in the branch's top2gating
+    (me over all tokens, ce = first choices of all tokens / T), computed here in float64 loops."""
+    layer = make_layer(k=k, fraction=0.1, route_padding=True)
+    masked = make_layer(k=k, fraction=0.1)
+    x = torch.randn(64, 16, dtype=torch.float64)
+    pad = torch.zeros(64, dtype=torch.bool)
+    pad[:12] = True  # leading padding (left-padded batch): it takes the slots first
+    y = layer(x, pad)
+    ref, dropped, used = reference_moe(layer, x, None, capacity=math.ceil(0.1 * 64))
+    assert rel_err(y, ref) < 1e-12
+    assert (y[~pad] - masked(x, pad)[~pad]).abs().max().item() > 1e-3  # real tokens see the difference
+    totals = layer.eval_totals()
+    assert totals["tokens"] == 52 and totals["routed"] == 64 * k and totals["dropped"] == dropped
+    assert totals["expert_counts"] == used
+    wg = layer.gate.wg.weight.double()
+    probs = [torch.softmax(wg @ x[t], 0).tolist() for t in range(64)]
+    me = [sum(p[e] for p in probs) / 64 for e in range(8)]
+    ce = [sum(1 for p in probs if max(range(8), key=lambda j: p[j]) == e) / 64 for e in range(8)]
+    assert layer.l_aux.item() == pytest.approx(sum(a * b for a, b in zip(me, ce)) / 8 * 64, rel=1e-12)
+
+
 def test_balancing_loss_hand_computed():
     # E=2, 4 tokens, d=2; gate weight = identity so logits = x
     layer = MoELayer(2, 4, 2, k=2).double()

@@ -163,4 +163,5 @@ def test_eval_lm_records_trace_without_changing_scores(tmp_path):
     _check_against_summary(trace, _summary(traced))
     proc = run("eval-lm", args + ["--moe-record-trace", tmp_path / "no" / "such" / "t.npz"])
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert "--moe-record-trace: folder" in proc.stderr.strip().splitlines()[-1] and "does not exist" in proc.stderr.strip().splitlines()[-1]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "--moe-record-trace: folder" in last and "does not exist" in last

@@ -1,6 +1,7 @@
 """Model options of the MoE architectures (``--moe-*`` model flags)."""
 
 from dataclasses import dataclass, field, fields
+from typing import Optional
 
 from fairseq.dataclass import FairseqDataclass
 
@@ -50,6 +51,15 @@ class MoEModelConfig(FairseqDataclass):
     moe_capacity_factor: float = field(
         default=1.0,
         metadata={"help": "static gating training capacity = int(factor * k * ceil(tokens / experts)) per expert"},
+    )
+    use_moe_pad_mask: Optional[bool] = field(
+        default=None,
+        metadata={
+            "help": "mask padding tokens out of routing (fairseq MoE branch's flag). Unset: masked, this plugin's "
+            "default. False (stored by scripts/convert_fairseq_moe_checkpoint.py for branch checkpoints trained "
+            "with the branch's default, or --model-overrides \"{'use_moe_pad_mask': False}\"): padding is routed "
+            "like real tokens, takes capacity slots and counts in the balancing loss, as in the branch"
+        },
     )
     moe_gating: str = field(
         default="static",
@@ -102,6 +112,7 @@ def build_moe_layer(args, model_dim: int, ffn_dim: int, activation_fn: str, acti
         second_expert_policy=args.moe_second_expert_policy,
         normalize_before_dropping=args.moe_normalize_gate_prob_before_dropping,
         capacity_factor=args.moe_capacity_factor,
+        route_padding=getattr(args, "use_moe_pad_mask", None) is False,
     )
     layer.set_gating(args.moe_gating)
     return layer

@@ -8,8 +8,9 @@ identity). The MoE layer is registered as ``moe_layer`` (fairseq MoE's name), so
 its parameters appear as ``...layers.{i}.moe_layer.gate.wg.weight`` and
 ``...moe_layer.experts.fc1_weight``.
 
-The padding mask is handed to the MoE layer so padding tokens are routed to no
-expert; tokens are routed in batch-major order, as fairseq's ``MOELayer``
+The padding mask is handed to the MoE layer, which routes padding tokens to no
+expert (or, with ``use_moe_pad_mask=False`` as in fairseq's MoE branch by default,
+like real tokens); tokens are routed in batch-major order, as fairseq's ``MOELayer``
 (which transposes to [B, T, d]) does.
 """
 

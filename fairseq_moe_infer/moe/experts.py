@@ -19,7 +19,7 @@ this rank's ``[rank * E_local, (rank + 1) * E_local)`` range.
 
 import math
 import re
-from typing import List
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -30,8 +30,41 @@ from torch import Tensor, nn
 from .gate import MoEConfigError
 from .kernels import bias_act_rows_, fused_available
 
-_PARAMS = ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
+EXPERT_PARAMS = ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
 _FAIRSEQ_KEY = re.compile(r"^(\d+)\.(fc1|fc2)\.(weight|bias)$")
+EXPERT_KEY_PART = ".moe_layer.experts."
+
+
+def is_expert_key(key: str) -> bool:
+    """Whether a state-dict key names expert weights: this plugin's stacked
+    ``...moe_layer.experts.fc1_weight`` [E, f, d] or fairseq MoE's per-expert
+    ``...moe_layer.experts.{i}.fc1.weight``. The one place that recognises expert keys
+    (checkpoint export / conversion and tests use it; a built model marks its expert
+    parameters with :func:`is_expert_param`)."""
+    return EXPERT_KEY_PART in key
+
+
+def is_expert_param(p) -> bool:
+    """Whether parameter ``p`` is a (sharded) expert tensor: fairseq MoE's ``p.expert`` marker,
+    which fairseq's legacy DDP all-reduce and gradient-norm code also read."""
+    return bool(getattr(p, "expert", False))
+
+
+def gather_expert_stack(t: Tensor, group) -> Optional[Tensor]:
+    """Concatenate the ranks' [E_local, ...] shares of an expert stack on rank 0 of ``group``
+    (a collective: every rank calls it with the same shape and dtype).
+
+    Returns:
+        rank 0: the [E, ...] stack in CPU memory, rank r's share at rows
+        ``[r * E_local, (r + 1) * E_local)``; other ranks: None.
+    """
+    import torch.distributed as dist
+
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    t = t.detach().contiguous()
+    parts = [torch.empty_like(t) for _ in range(world)] if rank == 0 else None
+    dist.gather(t, parts, dst=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+    return torch.cat([x.cpu() for x in parts]) if rank == 0 else None
 
 
 def grouped_gemm_available(x: Tensor) -> bool:
@@ -81,8 +114,8 @@ class Experts(nn.Module):
         self.fc1_bias = nn.Parameter(torch.empty(e, ffn_dim))
         self.fc2_weight = nn.Parameter(torch.empty(e, model_dim, ffn_dim))
         self.fc2_bias = nn.Parameter(torch.empty(e, model_dim))
-        for name in _PARAMS:
-            getattr(self, name).expert = True
+        for name in EXPERT_PARAMS:
+            getattr(self, name).expert = True  # read by is_expert_param and by fairseq
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -169,17 +202,32 @@ class Experts(nn.Module):
         rank calls it), one tensor at a time and into CPU memory, so that rank 0's next
         ``state_dict()`` holds the full [E, ...] stacks, loadable by any world size. Other ranks
         only send. :meth:`release_gathered` drops the copies."""
-        import torch.distributed as dist
+        gathered = {name: gather_expert_stack(getattr(self, name), group) for name in EXPERT_PARAMS}
+        self._gathered = None if gathered[EXPERT_PARAMS[0]] is None else gathered
 
-        world, rank = dist.get_world_size(group), dist.get_rank(group)
-        gathered = {}
-        for name in _PARAMS:
-            p = getattr(self, name).detach().contiguous()
-            parts = [torch.empty_like(p) for _ in range(world)] if rank == 0 else None
-            dist.gather(p, parts, dst=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
-            if rank == 0:
-                gathered[name] = torch.cat([t.cpu() for t in parts])
-        self._gathered = gathered if rank == 0 else None
+    def local_share(self, key: str, t: Tensor) -> Tensor:
+        """This rank's share of an expert stack ``t`` (weights, an EMA copy, optimizer moments).
+
+        Args:
+            key: the tensor's name, for the error message.
+            t: [E, ...] (all experts: rows ``[global_offset, global_offset + E_local)`` are
+                returned) or [E_local, ...] (returned as is).
+
+        Raises:
+            MoEConfigError: any other leading size.
+        """
+        have = self.num_local_experts
+        if t.shape[0] == self.num_global_experts and have != t.shape[0]:
+            return t[self.global_offset : self.global_offset + have]
+        if t.shape[0] != have:
+            raise MoEConfigError(
+                f"{key}: the checkpoint holds {t.shape[0]} experts but the model was built "
+                f"with {self.num_global_experts} (--moe-expert-count {self.num_global_experts}); "
+                f"train with --moe-expert-count {t.shape[0]}, or when evaluating drop the "
+                f"moe_expert_count of --model-overrides, or load a checkpoint with "
+                f"{self.num_global_experts} experts"
+            )
+        return t
 
     def release_gathered(self) -> None:
         """Forget the copies made by :meth:`gather_for_save`."""
@@ -192,22 +240,11 @@ class Experts(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
         stack_per_expert_keys(state_dict, prefix)
-        for name in _PARAMS:
+        for name in EXPERT_PARAMS:
             key = prefix + name
             if key not in state_dict:
                 continue
-            t = state_dict[key]
-            have = self.num_local_experts
-            if t.shape[0] == self.num_global_experts and have != t.shape[0]:
-                state_dict[key] = t[self.global_offset : self.global_offset + have]
-            elif t.shape[0] != have:
-                raise MoEConfigError(
-                    f"{key}: the checkpoint holds {t.shape[0]} experts but the model was built "
-                    f"with {self.num_global_experts} (--moe-expert-count {self.num_global_experts}); "
-                    f"train with --moe-expert-count {t.shape[0]}, or when evaluating drop the "
-                    f"moe_expert_count of --model-overrides, or load a checkpoint with "
-                    f"{self.num_global_experts} experts"
-                )
+            state_dict[key] = self.local_share(key, state_dict[key])
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
 
 

@@ -33,6 +33,10 @@ class MoELayer(nn.Module):
         capacity_factor: static gating's training capacity factor.
         eval_capacity_token_fraction: static gating's evaluation capacity as a
             fraction of the batch's tokens (fairseq default 0.25).
+        route_padding: route padding tokens like real ones (fairseq MoE branch with its
+            default ``--use-moe-pad-mask`` off: padding takes capacity slots and its first
+            choices count in the balancing loss; its outputs are not zeroed). Default False:
+            padding is routed nowhere and its output is zero (``--use-moe-pad-mask``).
 
     Raises:
         MoEConfigError: bad gate options, or the expert-parallel world size
@@ -59,6 +63,7 @@ class MoELayer(nn.Module):
         gating: str = "static",
         capacity_factor: float = 1.0,
         eval_capacity_token_fraction: float = 0.25,
+        route_padding: bool = False,
     ):
         super().__init__()
         group, world, rank = expert_parallel_group()
@@ -76,6 +81,7 @@ class MoELayer(nn.Module):
         self.group = group
         self.num_experts = num_experts
         self.capacity_factor = capacity_factor
+        self.route_padding = route_padding
         self.dispatcher: Dispatcher = build_dispatcher(gating, capacity_factor, eval_capacity_token_fraction)
         self.l_aux: Optional[Tensor] = None
         self.last_stats: Optional[DispatchStats] = None
@@ -91,12 +97,14 @@ class MoELayer(nn.Module):
             padding_mask: [...] bool (x's leading shape), True at padding.
 
         Returns:
-            [..., d], zero at padding positions.
+            [..., d], zero at padding positions (unless ``route_padding``).
+        The evaluation counters count non-padding tokens either way; with ``route_padding``
+        the routed / dropped choices and tokens per expert include padding's.
         """
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
         mask = None if padding_mask is None else padding_mask.reshape(-1)
-        routing = self.gate(tokens, mask)
+        routing = self.gate(tokens, None if self.route_padding else mask)
         y, stats = self.dispatcher(tokens, routing, self.experts, self.group, self.training)
         self.l_aux, self.last_stats = routing.l_aux, stats
         if not self.training:
@@ -161,7 +169,7 @@ class MoELayer(nn.Module):
         return {"tokens": tokens, "routed": routed, "dropped": dropped, "expert_counts": self._eval_counts.tolist()}
 
     def extra_repr(self) -> str:
-        return f"num_experts={self.num_experts}, gating={self.dispatcher.name}"
+        return f"num_experts={self.num_experts}, gating={self.dispatcher.name}, route_padding={self.route_padding}"
 
 
 def moe_layers(model: nn.Module, named: bool = False):
