@@ -143,3 +143,29 @@ def test_dynamic_layer_captures_in_a_cuda_graph():
         static_x.copy_(x)
         graph.replay()
         assert torch.equal(static_y, eager)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("gating", ["dynamic", "static"])
+@pytest.mark.parametrize("policy", ["lifo", "lru"])
+def test_expert_buffering_on_gpu_equals_resident(dtype, gating, policy):
+    """Buffered experts (pinned host memory, 4 of 16 in device slots, side-stream copies) give the
+    all-resident layer's outputs; copies are counted and the device holds a quarter of the experts."""
+    import copy
+
+    from fairseq_moe_infer.inference import configure_buffering
+
+    plain = _layer(dtype)
+    plain.set_gating(gating, 1.0)
+    buffered = copy.deepcopy(plain)
+    configure_buffering(buffered, 4, policy)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    with torch.no_grad():
+        for n in (8, 300, 2048, 5):
+            x = torch.randn(n, 256, device="cuda", dtype=dtype, generator=g)
+            assert torch.equal(buffered(x), plain(x)), n
+    b = buffered.experts.buffer
+    assert all(h.is_pinned() for h in b.host) and b.slots[0].is_cuda
+    s = b.stats()
+    assert s["misses"] >= 16 and s["bytes_copied_h2d"] == s["misses"] * b.bytes_per_expert
+    assert 4 * s["device_bytes_buffered"] == s["device_bytes_all_resident"] and s["copy_s"] > 0

@@ -100,6 +100,18 @@ class ExpertBuffer:
             self._ref = torch.cuda.Event(enable_timing=True)
             self._ref.record()
 
+    def adopt(self, other: "ExpertBuffer") -> None:
+        """Serve from the host stacks ``other`` already holds (e.g. after the module's parameters
+        were released), with this buffer's own K slots on the same device."""
+        self.host = other.host
+        device = other.slots[0].device
+        self.slots = [torch.empty((self.num_slots,) + tuple(h.shape[1:]), dtype=h.dtype, device=device)
+                      for h in self.host]
+        self.bytes_per_expert = other.bytes_per_expert
+        if device.type == "cuda":
+            self._ref = torch.cuda.Event(enable_timing=True)
+            self._ref.record()
+
     @property
     def ready(self) -> bool:
         return self.slots is not None
