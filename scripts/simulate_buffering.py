@@ -122,7 +122,11 @@ def run(paths, policies, sizes=None):
 
 
 def plot(res, png):
+    import logging
+
     import matplotlib
+
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # fairseq's logging setup leaves the root at DEBUG
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

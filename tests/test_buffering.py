@@ -236,3 +236,27 @@ def test_buffer_flags_exit_with_one_clear_line(tmp_path):
         assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
         last = [line for line in proc.stderr.strip().splitlines() if line.strip()][-1]
         assert message in last and last.startswith("fairseq-eval-lm: error:"), last
+
+
+def test_simulator_replays_traces_through_the_store_policies(tmp_path):
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+    import simulate_buffering
+
+    # two batches: layer 0 (encoder) then two decoder calls each; 5 experts, top-1
+    calls = [(0, [[0], [1], [2]]), (1, [[3]]), (1, [[4], [3]]), (0, [[0], [1]]), (1, [[3]]), (1, [[4]])]
+    trace = RoutingTrace(5, 1, ["encoder.layers.0.moe_layer", "decoder.layers.0.moe_layer"], [c[0] for c in calls],
+                         [len(c[1]) for c in calls], [row for c in calls for row in c[1]])
+    path = tmp_path / "mt_toy.npz"
+    write_trace(str(path), trace)
+    res = simulate_buffering.run([str(path)], sorted(POLICIES), sizes=[1, 2])
+    dec = res["groups"]["MT decoder"]
+    # decoder lookups [3], [3, 4], [3], [4]; K=1: lru misses 3, 4(evict 3)... by hand
+    assert dec["belady"][1]["lookups"] == 5
+    assert dec["lru"][1]["misses"] == _misses("lru", [[3], [3, 4], [3], [4]], K=1)
+    assert dec["belady"][2]["misses"] == 2 and dec["belady"][2]["miss_rate"] == 0.4  # compulsory only
+    # per batch: batch 1 holds calls 2-3 (3 lookups, 2 misses), batch 2 calls 5-6 (2 lookups, 0 misses) at K=2
+    assert dec["belady"][2]["batch_worst"] == round(2 / 3, 6) and dec["belady"][2]["batch_avg"] == round(1 / 3, 6)
+    enc = res["groups"]["MT encoder"]
+    assert enc["lifo"][2]["lookups"] == 5 and res["gap_to_belady"]["MT decoder"][2]["gap_points"] == 0.0
