@@ -169,3 +169,23 @@ def test_expert_buffering_on_gpu_equals_resident(dtype, gating, policy):
     s = b.stats()
     assert s["misses"] >= 16 and s["bytes_copied_h2d"] == s["misses"] * b.bytes_per_expert
     assert 4 * s["device_bytes_buffered"] == s["device_bytes_all_resident"] and s["copy_s"] > 0
+
+
+def test_generate_with_expert_buffering_on_gpu_gives_the_same_translations():
+    """fairseq-generate --fp16 on the GPU: buffered (K=3, LIFO and LRU) hypotheses equal the all-resident ones."""
+    import os
+
+    from .helpers import ASSETS, TINY_MT, USER_DIR, ok, run
+
+    args = [TINY_MT, "--user-dir", USER_DIR, "--task", "moe_translation", "--path",
+            os.path.join(ASSETS, "checkpoints", "mt_moe", "checkpoint.pt"), "--source-lang", "src", "--target-lang", "tgt",
+            "--gen-subset", "test", "--beam", "5", "--max-tokens", "2048", "--post-process", "sentencepiece",
+            "--moe-gating", "dynamic", "--fp16"]
+
+    def hyps(text):
+        return sorted(line for line in text.splitlines() if line[:2] in ("H-", "D-", "P-"))
+
+    plain = hyps(ok(run("generate", args)))
+    assert len(plain) >= 3 * 45
+    for policy in ("lifo", "lru"):
+        assert hyps(ok(run("generate", args + ["--moe-expert-buffer-size", "3", "--moe-buffer-policy", policy]))) == plain
