@@ -121,12 +121,33 @@ def run(paths, policies, sizes=None):
             "gap_to_belady": gaps, "per_layer_miss_rate": per_layer}
 
 
+def markdown_table(res, fractions=(8, 4, 2, 4 / 3)) -> str:
+    """README table: miss rate (%) per group at K = E/8, E/4, E/2, 3E/4 for each policy (average per
+    batch / worst batch in parentheses for lifo), and the best online policy's gap to Belady."""
+    E = res["num_experts"]
+    policies = sorted(next(iter(res["groups"].values())))
+    lines = ["| group | K | " + " | ".join(policies) + " | lifo per batch avg (worst) | best online - belady |",
+             "|---" * (len(policies) + 4) + "|"]
+    for g in sorted(res["groups"]):
+        t = res["groups"][g]
+        for f in fractions:
+            K = max(1, round(E / f))
+            if K not in t[policies[0]]:
+                continue
+            cells = [f"{100 * t[p][K]['miss_rate']:.1f}" for p in policies]
+            lifo = t.get("lifo", {}).get(K)
+            per_batch = f"{100 * lifo['batch_avg']:.1f} ({100 * lifo['batch_worst']:.1f})" if lifo else ""
+            gap = res["gap_to_belady"].get(g, {}).get(K, {})
+            gap_cell = f"{gap['gap_points']:.2f} ({gap['best_online']})" if gap else ""
+            lines.append(f"| {g} | {K} | " + " | ".join(cells) + f" | {per_batch} | {gap_cell} |")
+    return "\n".join(lines)
+
+
 def plot(res, png):
     import logging
 
-    import matplotlib
-
     logging.getLogger("matplotlib").setLevel(logging.WARNING)  # fairseq's logging setup leaves the root at DEBUG
+    import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -165,6 +186,7 @@ def main():
     with open(a.out, "w") as f:
         json.dump(res, f, indent=1)
     plot(res, os.path.splitext(a.out)[0] + ".png")
+    print(markdown_table(res), file=sys.stderr)
     for g, gaps in res["gap_to_belady"].items():
         worst = max(gaps.values(), key=lambda v: v["gap_points"])
         print(f"{g}: largest gap best-online vs belady {worst['gap_points']:.2f} points", file=sys.stderr)
