@@ -95,7 +95,7 @@ def build(kind: str, experts: int, layers: int):
     with torch.device("meta"):  # no host-side init of billions of parameters
         model = task.build_model(cfg.model)
     torch.set_default_dtype(torch.float32)
-    model = model.to_empty(device="cuda").to(torch.bfloat16).eval()
+    model = model.to_empty(device=DEVICE[0]).to(torch.bfloat16).eval()
     torch.manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -121,8 +121,8 @@ def set_policy(model, name: str) -> None:
 
 
 def random_tokens(batch: int, length: int, vocab: int, seed: int) -> torch.Tensor:
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    return torch.randint(4, vocab, (batch, length), device="cuda", generator=g)
+    g = torch.Generator(device=DEVICE[0]).manual_seed(seed)
+    return torch.randint(4, vocab, (batch, length), device=DEVICE[0], generator=g)
 
 
 def lm_runner(model, task):
@@ -237,6 +237,7 @@ def sweep(run, count, policies, start_tokens, max_tokens, deadline, budget_s, la
 
 
 MODEL = [None]
+DEVICE = ["cuda"]  # --device cpu: toy-size checks of the trace replay without a GPU
 MEMORY_HEADROOM = 0.95  # skip a point predicted above this share of the GPU's memory
 
 
@@ -332,8 +333,20 @@ def main(argv=None):
     p.add_argument("--experts", type=int, default=128)
     p.add_argument("--layers", type=int, default=None, help="LM layers (24) or MT layers per side (12)")
     p.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
-    p.add_argument("--workloads", nargs="+", default=["mt-encoder", "mt-generate"], choices=["mt-encoder", "mt-generate"],
-                   help="MT workloads to run (--model mt)")
+    p.add_argument("--workloads", nargs="+", default=["mt-encoder", "mt-generate"],
+                   choices=["mt-encoder", "mt-generate", "mt-replay"],
+                   help="MT workloads to run (--model mt); mt-replay: expert buffering driven by --replay-trace "
+                        "(benchmarks/trace_replay.py), against the all-resident dynamic model")
+    p.add_argument("--replay-trace", nargs="+", default=None,
+                   help="mt-replay: routing traces of a trained MT MoE model (fairseq-generate --moe-record-trace)")
+    p.add_argument("--replay-policies", nargs="+", default=["lifo", "lru", "fifo", "lfu", "belady"],
+                   help="mt-replay: eviction policies")
+    p.add_argument("--replay-sentences", nargs="+", type=int, default=[1, 8, 64], help="mt-replay: sentences per batch")
+    p.add_argument("--replay-fractions", nargs="+", type=int, default=[16, 8, 4, 2, 1],
+                   help="mt-replay: K = E / fraction slots per decoder MoE layer")
+    p.add_argument("--replay-repeat", type=int, default=3, help="mt-replay: timed runs per point (after one warm-up)")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: toy-size check of mt-replay only")
+    p.add_argument("--toy", action="store_true", help="mt-replay at a toy size (d=64, f=128; a CPU check of the code)")
     p.add_argument("--generate-start-tokens", type=int, default=256, help="first generated-token batch of mt-generate")
     p.add_argument("--start-tokens", type=int, default=512, help="first batch (tokens per GPU) of lm-eval / mt-encoder")
     p.add_argument("--max-tokens", type=int, default=262144)
@@ -341,6 +354,11 @@ def main(argv=None):
     p.add_argument("--max-minutes", type=float, default=10.0)
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
+    DEVICE[0] = a.device
+    if "mt-replay" in a.workloads:
+        if a.model != "mt" or not a.replay_trace:
+            p.error("--workloads mt-replay needs --model mt and --replay-trace PATH [PATH ...]")
+        return replay_main(a)
     rank, world = init_distributed()
     deadline = time.time() + 60 * a.max_minutes
     layers = a.layers or (24 if a.model == "lm" else 12)
@@ -392,6 +410,30 @@ def main(argv=None):
     summary = summarize(rows)
     for workload, pol in summary.items():
         print(workload, pol)
+
+
+def replay_main(a) -> None:
+    """``--workloads mt-replay``: one process, the all-resident dynamic model against decoder expert
+    buffering for every K and policy, with recorded routing (benchmarks/trace_replay.py)."""
+    from benchmarks.trace_replay import plot_replay, replay_rows
+
+    deadline = time.time() + 60 * a.max_minutes
+    layers = a.layers or 12
+    if a.toy:
+        SHAPES["mt"].update(d=64, f=128, heads=2, vocab=1000, seq=8, out_len=4)
+    model, task = build("mt", a.experts, layers)
+    set_policy(model, "dynamic")
+    s = SHAPES["mt"]
+    info = {"experts": a.experts, "layers_per_side": layers, "d": s["d"], "f": s["f"], "beam": s["beam"],
+            "generated_tokens": s["out_len"], "source_tokens": s["seq"], "traces": a.replay_trace}
+
+    def save(rows):
+        write_json(a.out, {"benchmark": "end_to_end_mt_replay", "run": run_info(), "model": info, "rows": rows})
+
+    rows = replay_rows(model, task, a.replay_trace, a.replay_sentences, a.replay_fractions, a.replay_policies,
+                       a.replay_repeat, deadline, save, src_len=s["seq"], out_len=s["out_len"], beam=s["beam"])
+    save(rows)
+    plot_replay(rows, os.path.splitext(a.out)[0] + ".png")
 
 
 if __name__ == "__main__":

@@ -9,14 +9,16 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
+import numpy as np
 from fairseq.dataclass import FairseqDataclass
 from torch import nn
 
 from .cli import exit_with_error
 from .moe import MoEConfigError, moe_layers
+from .moe.buffered import ExpertBuffer
 from .moe.options import check_moe_options
 from .report import MoERunReport
-from .trace import TraceRecorder
+from .trace import TraceError, TraceRecorder, rank_path, read_trace
 
 
 def check_writable_path(path: Optional[str]) -> Optional[str]:
@@ -54,6 +56,23 @@ class MoEInferenceConfig(FairseqDataclass):
     moe_stats_json: Optional[str] = field(
         default=None, metadata={"help": "write the end-of-run MoE summary (tokens/s, drops, tokens per expert) here"}
     )
+    moe_expert_buffer_size: int = field(
+        default=0,
+        metadata={
+            "help": "expert buffering: keep K experts of each MoE layer (per rank) in device slots and all of them in "
+            "pinned CPU memory, copying missed experts in before they run (0 = all experts resident)"
+        },
+    )
+    moe_buffer_policy: str = field(
+        default="lifo",
+        metadata={"help": "expert buffering's eviction policy: lifo (the paper's) | lru | fifo | lfu | belady (offline "
+                  "optimum, needs --moe-buffer-trace)"},
+    )
+    moe_buffer_trace: Optional[str] = field(
+        default=None,
+        metadata={"help": "routing trace (--moe-record-trace) of this model on the same data and flags, replayed by "
+                  "--moe-buffer-policy belady"},
+    )
     moe_record_trace: Optional[str] = field(
         default=None,
         metadata={
@@ -64,12 +83,25 @@ class MoEInferenceConfig(FairseqDataclass):
 
 
 def validate_inference_options(cfg) -> None:
-    """Exit with one line on a bad ``--moe-gating`` / fraction / ``--moe-stats-json`` (CLI entry points;
-    rules: :func:`~fairseq_moe_infer.moe.options.check_moe_options`)."""
+    """Exit with one line on a bad ``--moe-*`` task option (CLI entry points; value rules:
+    :func:`~fairseq_moe_infer.moe.options.check_moe_options`)."""
     try:
-        check_moe_options(moe_gating=cfg.moe_gating, moe_eval_capacity_token_fraction=cfg.moe_eval_capacity_token_fraction)
+        check_moe_options(
+            moe_gating=cfg.moe_gating,
+            moe_eval_capacity_token_fraction=cfg.moe_eval_capacity_token_fraction,
+            moe_expert_buffer_size=getattr(cfg, "moe_expert_buffer_size", None),
+            moe_buffer_policy=getattr(cfg, "moe_buffer_policy", None),
+        )
     except MoEConfigError as e:
         exit_with_error(str(e))
+    problem = None
+    if getattr(cfg, "moe_expert_buffer_size", 0) and cfg.moe_buffer_policy == "belady" and not cfg.moe_buffer_trace:
+        problem = ("--moe-buffer-policy belady replays a routing trace: give --moe-buffer-trace PATH "
+                   "(recorded with --moe-record-trace on the same data and flags)")
+    elif getattr(cfg, "moe_buffer_trace", None) and not (cfg.moe_expert_buffer_size and cfg.moe_buffer_policy == "belady"):
+        problem = "--moe-buffer-trace is read only by --moe-buffer-policy belady with --moe-expert-buffer-size K > 0"
+    if problem:
+        exit_with_error(problem)
     for flag in ("moe_stats_json", "moe_record_trace"):
         problem = check_writable_path(getattr(cfg, flag, None))
         if problem:
@@ -91,9 +123,50 @@ def configure_moe(model: nn.Module, cfg) -> Optional[MoERunReport]:
         return None
     for m in layers:
         m.set_gating(cfg.moe_gating, cfg.moe_eval_capacity_token_fraction)
+    if getattr(cfg, "moe_expert_buffer_size", 0):
+        configure_buffering(model, cfg.moe_expert_buffer_size, cfg.moe_buffer_policy, cfg.moe_buffer_trace)
     if getattr(cfg, "moe_record_trace", None):
         TraceRecorder(model, cfg.moe_record_trace).register_atexit()
     return MoERunReport(model, cfg.moe_gating, cfg.moe_eval_capacity_token_fraction, cfg.moe_stats_json).register_atexit()
 
 
-__all__ = ["MoEInferenceConfig", "configure_moe", "validate_inference_options", "MoEConfigError"]
+def configure_buffering(model: nn.Module, num_slots: int, policy: str = "lifo", trace_path: Optional[str] = None) -> None:
+    """Give every MoE layer's experts an :class:`~fairseq_moe_infer.moe.buffered.ExpertBuffer` of
+    ``num_slots`` slots (``--moe-expert-buffer-size``), evicting by ``policy``.
+
+    For ``belady`` the routing trace ``trace_path`` (and its ``.rank<r>`` files) gives each layer's
+    future lookups: the experts of this rank that any rank's tokens chose, call by call.
+
+    Raises:
+        MoEConfigError: K larger than the experts per rank, an unknown policy, belady without a
+            trace, or a trace of another model (other expert count or MoE layers).
+    """
+    named = moe_layers(model, named=True)
+    futures = {}
+    if policy == "belady" and trace_path:
+        futures = _belady_futures(trace_path, named)
+    for name, m in named:
+        m.experts.set_buffer(ExpertBuffer(m.experts.num_local_experts, num_slots, policy, futures.get(name)))
+
+
+def _belady_futures(path: str, named) -> dict:
+    names = [n for n, _ in named]
+    E = named[0][1].num_experts
+    try:
+        first = read_trace(path, num_experts=E, layer_names=names)
+        traces = [first] + [read_trace(rank_path(path, r), E, names) for r in range(1, first.world_size)]
+    except TraceError as e:
+        raise MoEConfigError(f"--moe-buffer-trace: {e}") from None
+    futures = {}
+    for i, (name, m) in enumerate(named):
+        lo, n = m.experts.global_offset, m.experts.num_local_experts
+        per_rank = [t.active(i)[:, lo : lo + n] for t in traces]
+        calls = max(len(a) for a in per_rank)
+        used = np.zeros((calls, n), dtype=bool)
+        for a in per_rank:  # this rank's experts serve every rank's tokens
+            used[: len(a)] |= a
+        futures[name] = [np.flatnonzero(row).tolist() for row in used]
+    return futures
+
+
+__all__ = ["MoEInferenceConfig", "configure_moe", "configure_buffering", "validate_inference_options", "MoEConfigError"]

@@ -11,7 +11,11 @@ forwards only and gives:
   throughput, not the MoE layers' own speed (benchmarks/ measures that with CUDA events);
 * ``peak_accelerator_memory_bytes``: ``torch.cuda.max_memory_allocated`` (None on CPU);
 * ``dropped`` / ``routed``: top-k choices dropped for capacity / all valid choices;
-* per layer: tokens, routed, dropped and tokens per expert.
+* per layer: tokens, routed, dropped and tokens per expert;
+* with ``--moe-expert-buffer-size``, per layer (``buffer``) and in total: lookups, hits,
+  misses, hit rate, bytes copied host to device, copy time and the part that overlapped
+  compute, device bytes held by experts buffered vs all resident
+  (:meth:`~fairseq_moe_infer.moe.buffered.ExpertBuffer.stats`).
 
 It is logged (one readable line per layer, then the whole summary as one JSON
 line prefixed ``moe_summary``) and written to ``--moe-stats-json`` when given (strict JSON:
@@ -69,6 +73,9 @@ class MoERunReport:
     def summary(self) -> dict:
         """The summary dict (host sync once)."""
         layers = {name: m.eval_totals() for name, m in self.layers}
+        buffers = {name: m.experts.buffer.stats() for name, m in self.layers if m.experts.buffer is not None}
+        for name, b in buffers.items():
+            layers[name]["buffer"] = b
         firsts = {}
         for name, totals in layers.items():
             stack = name.split(".layers.")[0]
@@ -90,6 +97,7 @@ class MoERunReport:
             "drop_rate": round(dropped / routed, 6) if routed else 0.0,
             "layers": layers,
             "complete": not run_failed(),
+            **({"buffer": buffer_totals(list(buffers.values()))} if buffers else {}),
             **_rank_info(),
         }
 
@@ -113,6 +121,10 @@ class MoERunReport:
         )
         for name, v in s["layers"].items():
             logger.info("MoE %s: tokens per expert %s (dropped %d)", name, v["expert_counts"], v["dropped"])
+            if "buffer" in v:
+                logger.info("MoE %s: %s", name, _buffer_line(v["buffer"]))
+        if "buffer" in s:
+            logger.info("MoE expert buffer, all layers: %s", _buffer_line(s["buffer"]))
         self._write(s)
         logger.info("moe_summary %s", json.dumps(s, allow_nan=False))
         return s
@@ -130,6 +142,25 @@ class MoERunReport:
     def register_atexit(self) -> "MoERunReport":
         atexit.register(self.finish)
         return self
+
+
+def buffer_totals(stats: list) -> dict:
+    """Expert-buffer statistics (:meth:`ExpertBuffer.stats`) summed over layers."""
+    total = {key: sum(b[key] for b in stats) for key in ("calls", "waves", "lookups", "hits", "misses", "bytes_copied_h2d",
+                                                         "device_bytes_buffered", "device_bytes_all_resident")}
+    for key in ("copy_s", "copy_overlapped_s"):
+        total[key] = round(sum(b[key] for b in stats), 6)
+    total["hit_rate"] = round(total["hits"] / total["lookups"], 6) if total["lookups"] else None
+    total["slots"], total["policy"] = stats[0]["slots"], stats[0]["policy"]
+    return total
+
+
+def _buffer_line(b: dict) -> str:
+    rate = "n/a" if b["hit_rate"] is None else f"{100 * b['hit_rate']:.1f}%"
+    return (f"expert buffer K={b['slots']} {b['policy']}: lookups={b['lookups']} hits={b['hits']} misses={b['misses']} "
+            f"hit rate={rate} copied={b['bytes_copied_h2d'] / 2**20:.1f} MiB in {b['copy_s']:.4f}s "
+            f"({b['copy_overlapped_s']:.4f}s overlapped compute) device expert memory "
+            f"{b['device_bytes_buffered'] / 2**20:.1f} MiB (all resident {b['device_bytes_all_resident'] / 2**20:.1f} MiB)")
 
 
 def _rank_info() -> dict:

@@ -6,6 +6,8 @@ Recipes (the same optimiser, schedule and budget for MoE and dense of a kind):
 * ``mt_moe``   -- ``transformer_moe_small``: multilingual en->{de,fr,cs}, 16 experts
   every 2nd layer in encoder and decoder, top-2, gating from ``--moe-gating``;
 * ``mt_dense`` -- the same with ``--moe-freq 0`` (same active parameters);
+* ``mt_moe64`` -- ``mt_moe`` with 64 experts per MoE layer (expert buffering's traces: with
+  ``--record-traces DIR`` its routing on the three test sets is recorded after training);
 * ``lm_moe``   -- ``transformer_lm_moe_small``: 16 experts every 2nd layer;
 * ``lm_dense`` -- the same with ``--moe-freq 0``.
 
@@ -46,9 +48,14 @@ LM = ["--task", "moe_language_modeling", "--arch", "transformer_lm_moe_small", "
 RECIPES = {
     "mt_moe": ("mt", MT),
     "mt_dense": ("mt", MT + ["--moe-freq", "0"]),
+    "mt_moe64": ("mt", MT + ["--moe-expert-count", "64"]),
     "lm_moe": ("lm", LM),
     "lm_dense": ("lm", LM + ["--moe-freq", "0"]),
 }
+
+
+def is_moe(name: str) -> bool:
+    return "_moe" in name
 
 
 def device_name() -> str:
@@ -65,7 +72,7 @@ def command(name: str, a) -> list:
     updates = a.mt_updates if kind == "mt" else a.lm_updates
     tokens = a.mt_max_tokens if kind == "mt" else a.lm_max_tokens
     common = [f for f in COMMON if f != "--fp16"] + ["--cpu"] if a.cpu else COMMON
-    gating = ["--moe-gating", a.moe_gating] if name.endswith("_moe") else []
+    gating = ["--moe-gating", a.moe_gating] if is_moe(name) else []
     return [
         sys.executable, "-m", "fairseq_cli.train", os.path.join(a.data_bin, kind), "--user-dir", USER_DIR,
         *flags, "--max-tokens", str(tokens), *gating, *common, "--save-interval-updates", str(a.save_interval_updates),
@@ -98,6 +105,9 @@ def main(argv=None):
                    help="export (and evaluate) every run at the last interval checkpoint all runs reached, so "
                         "MoE and dense are compared at the same number of updates when a run stops on --stop-minutes")
     p.add_argument("--cpu", action="store_true", help="train on the CPU in float32 (smoke tests)")
+    p.add_argument("--record-traces", default=None, metavar="DIR",
+                   help="after training, record each MT MoE run's routing (fairseq-generate --moe-record-trace, beam 4, "
+                        "64 sentences a batch, dynamic gating) on the test sets into DIR/<name>_en-<lang>.npz")
     p.add_argument("--evaluate", action="store_true",
                    help="run scripts/evaluate.py on each exported model as soon as its training ends")
     a = p.parse_args(argv)
@@ -140,6 +150,11 @@ def main(argv=None):
             write_card(cards[name], a)
             if a.evaluate:
                 evals[name] = start_evaluation(name, a)
+    if a.record_traces:
+        for name, card in cards.items():
+            if card["returncode"] == 0 and is_moe(name) and RECIPES[name][0] == "mt":
+                card["traces"] = record_traces(name, a)
+                write_card(card, a)
     for name, proc in evals.items():
         cards[name]["evaluation_returncode"] = proc.wait()
     print(json.dumps(cards))
@@ -159,6 +174,30 @@ def finish(name: str, rc: int, cmd: list, wall: float, a, export_now: bool = Tru
     write_card(card, a)
     print(f"[train] {name}: exit {rc} after {wall:.0f}s; {last[-1] if last else ''}", file=sys.stderr, flush=True)
     return card
+
+
+def record_traces(name: str, a) -> list:
+    """Record the routing of run ``name`` (its last checkpoint) on the MT test sets with
+    ``fairseq-generate --moe-record-trace`` (beam 4, 64 sentences a batch, dynamic gating);
+    returns the trace files written."""
+    data = os.path.join(a.data_bin, "mt")
+    with open(os.path.join(data, "splits.json")) as f:
+        splits = json.load(f)["splits"]
+    os.makedirs(a.record_traces, exist_ok=True)
+    written = []
+    for lang, split in sorted(splits.items()):
+        out = os.path.join(a.record_traces, f"{name}_en-{lang}.npz")
+        cmd = [sys.executable, "-m", "fairseq_cli.generate", data, "--user-dir", USER_DIR, "--task", "moe_translation",
+               "--path", os.path.join(a.save_root, name, "checkpoint_last.pt"), "--source-lang", "src",
+               "--target-lang", "tgt", "--gen-subset", split, "--beam", "4", "--batch-size", "64",
+               "--required-batch-size-multiple", "1", "--moe-gating", "dynamic", "--moe-record-trace", out]
+        cmd += ["--cpu"] if a.cpu else ["--fp16"]
+        with open(os.path.join(a.save_root, name, f"generate.{lang}.log"), "w") as log:
+            rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+        print(f"[train] {name}: routing trace en-{lang} -> {out} (exit {rc})", file=sys.stderr, flush=True)
+        if rc == 0:
+            written.append(out)
+    return written
 
 
 def write_card(card: dict, a) -> None:
@@ -208,7 +247,7 @@ def export(name: str, a, upto: int = None) -> dict:
         ckpts = ["checkpoint_last.pt"]
     out = os.path.join(a.export_dir, name, "checkpoint.pt")
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    shards = 2 if name.endswith("_moe") else 0
+    shards = 2 if is_moe(name) else 0
     written = export_checkpoint([os.path.join(folder, c) for c in ckpts], out, shards)
     return {"averaged": ckpts, "files": [os.path.basename(w) for w in written]}
 

@@ -5,6 +5,7 @@ import os
 
 from ..cli import exit_with_error
 from ..inference import configure_moe
+from ..models.validation import cli_errors
 from ..training import check_expert_grads_finite, check_training_setup, prepare_expert_parallel_training
 
 
@@ -32,7 +33,8 @@ class MoETaskMixin:
 
     def build_model(self, cfg, from_checkpoint=False):
         model = super().build_model(cfg, from_checkpoint)
-        configure_moe(model, self.cfg if getattr(self, "cfg", None) is not None else self.args)
+        with cli_errors():  # a bad --moe-* value for this model (e.g. buffer size, trace): one line
+            configure_moe(model, self.cfg if getattr(self, "cfg", None) is not None else self.args)
         prepare_expert_parallel_training(model)
         return model
 

@@ -171,3 +171,49 @@ def test_fp16_expert_parallel_checkpoint_resumes_on_one_gpu_and_back(tmp_path):
     two = ok(subprocess.run(tool("train") + args + ["--max-update", "10", "--distributed-world-size", "2",
                                                     "--ddp-backend", "pytorch_ddp"], capture_output=True, text=True))
     assert "@ 8 updates" in two
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("gating", ["dynamic", "static"])
+@pytest.mark.parametrize("policy", ["lifo", "lru"])
+def test_expert_buffering_on_gpu_equals_resident(dtype, gating, policy):
+    """Buffered experts (pinned host memory, 4 of 16 in device slots, side-stream copies) give the
+    all-resident layer's outputs; copies are counted and the device holds a quarter of the experts."""
+    import copy
+
+    from fairseq_moe_infer.inference import configure_buffering
+
+    plain = _layer(dtype)
+    plain.set_gating(gating, 1.0)
+    buffered = copy.deepcopy(plain)
+    configure_buffering(buffered, 4, policy)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    with torch.no_grad():
+        for n in (8, 300, 2048, 5):
+            x = torch.randn(n, 256, device="cuda", dtype=dtype, generator=g)
+            assert torch.equal(buffered(x), plain(x)), n
+    b = buffered.experts.buffer
+    assert all(h.is_pinned() for h in b.host) and b.slots[0].is_cuda
+    s = b.stats()
+    assert s["misses"] >= 16 and s["bytes_copied_h2d"] == s["misses"] * b.bytes_per_expert
+    assert 4 * s["device_bytes_buffered"] == s["device_bytes_all_resident"] and s["copy_s"] > 0
+
+
+def test_generate_with_expert_buffering_on_gpu_gives_the_same_translations():
+    """fairseq-generate --fp16 on the GPU: buffered (K=3, LIFO and LRU) hypotheses equal the all-resident ones."""
+    import os
+
+    from .helpers import ASSETS, TINY_MT, USER_DIR, ok, run
+
+    args = [TINY_MT, "--user-dir", USER_DIR, "--task", "moe_translation", "--path",
+            os.path.join(ASSETS, "checkpoints", "mt_moe", "checkpoint.pt"), "--source-lang", "src", "--target-lang", "tgt",
+            "--gen-subset", "test", "--beam", "5", "--max-tokens", "2048", "--post-process", "sentencepiece",
+            "--moe-gating", "dynamic", "--fp16"]
+
+    def hyps(text):
+        return sorted(line for line in text.splitlines() if line[:2] in ("H-", "D-", "P-"))
+
+    plain = hyps(ok(run("generate", args)))
+    assert len(plain) >= 3 * 45
+    for policy in ("lifo", "lru"):
+        assert hyps(ok(run("generate", args + ["--moe-expert-buffer-size", "3", "--moe-buffer-policy", policy]))) == plain

@@ -116,6 +116,7 @@ class Experts(nn.Module):
         self.fc2_bias = nn.Parameter(torch.empty(e, model_dim))
         for name in EXPERT_PARAMS:
             getattr(self, name).expert = True  # read by is_expert_param and by fairseq
+        self.buffer = None  # the resident store; set_buffer() for the buffered one
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -146,8 +147,28 @@ class Experts(nn.Module):
     def _hidden(self, h: Tensor) -> Tensor:
         return self.activation_dropout(self.activation_fn(h))
 
+    # ---- the expert store: all resident (the parameters) or buffered (moe/buffered.py) ----
+    def set_buffer(self, buffer) -> None:
+        """Serve evaluation forwards through ``buffer`` (an
+        :class:`~fairseq_moe_infer.moe.buffered.ExpertBuffer`, ``--moe-expert-buffer-size``) or,
+        with None, from the resident parameters. The dispatchers call the same methods either way."""
+        self.buffer = buffer
+
+    def _buffered(self, x: Tensor) -> bool:
+        buffer = getattr(self, "buffer", None)
+        if buffer is None:
+            return False
+        if self.training:
+            raise MoEConfigError("--moe-expert-buffer-size is for inference (fairseq-generate, fairseq-interactive, "
+                                 "fairseq-eval-lm); drop it when training")
+        if not buffer.ready:
+            buffer.materialize([getattr(self, n) for n in EXPERT_PARAMS], x.device)
+        return True
+
     def forward_padded(self, x: Tensor) -> Tensor:
         """Static-capacity path: [E_local, C, d] -> [E_local, C, d] with batched matmuls."""
+        if self._buffered(x):
+            return self.buffer.forward_padded(self, x)
         h = torch.baddbmm(self.fc1_bias[:, None, :], x, self.fc1_weight.transpose(1, 2))
         return torch.baddbmm(self.fc2_bias[:, None, :], self._hidden(h), self.fc2_weight.transpose(1, 2))
 
@@ -167,8 +188,10 @@ class Experts(nn.Module):
         elsewhere a loop of per-expert ``F.linear`` over the host-side counts
         (one device sync) computes the same function.
         """
+        if self._buffered(x):
+            return self.buffer.forward_grouped(self, x, counts, expert_of_row)
         if grouped_gemm_available(x):
-            return self._forward_grouped_mm(x, counts, expert_of_row)
+            return self._grouped_mm([getattr(self, n) for n in EXPERT_PARAMS], x, counts, expert_of_row)
         out = torch.zeros_like(x)
         start = 0
         for e, n in enumerate(counts.tolist()):
@@ -179,22 +202,26 @@ class Experts(nn.Module):
                 start += n
         return out
 
-    def _forward_grouped_mm(self, x: Tensor, counts: Tensor, expert_of_row: Tensor) -> Tensor:
+    def _grouped_mm(self, params, x: Tensor, counts: Tensor, expert_of_row: Tensor) -> Tensor:
+        """Both grouped GEMMs over the stacks ``params`` = (fc1_weight, fc1_bias, fc2_weight, fc2_bias),
+        [G, ...] each (the E_local parameters, or a buffer's K slots); ``counts`` [G] rows per group."""
+        fc1_weight, fc1_bias, fc2_weight, fc2_bias = params
+        groups = fc1_weight.shape[0]
         offs = counts.cumsum(0).to(torch.int32)
-        w1, w2 = self.fc1_weight.transpose(1, 2), self.fc2_weight.transpose(1, 2)
+        w1, w2 = fc1_weight.transpose(1, 2), fc2_weight.transpose(1, 2)
         if not self.training and self._dropout_off_at_inference() and fused_available(x, self.activation_name):
             # inference: bias + activation (+ zeroing of unrouted rows) fused into one pass per GEMM
-            h = bias_act_rows_(torch._grouped_mm(x, w1, offs=offs), self.fc1_bias, expert_of_row, self.activation_name)
-            return bias_act_rows_(torch._grouped_mm(h, w2, offs=offs), self.fc2_bias, expert_of_row, "identity")
+            h = bias_act_rows_(torch._grouped_mm(x, w1, offs=offs), fc1_bias, expert_of_row, self.activation_name)
+            return bias_act_rows_(torch._grouped_mm(h, w2, offs=offs), fc2_bias, expert_of_row, "identity")
         # Rows past the last group are not computed by _grouped_mm (forward or backward): they hold
         # garbage. torch.where (not a multiply: garbage may be NaN) zeroes them and their gradients.
-        row_ok = (expert_of_row < self.num_local_experts)[:, None]
-        e = expert_of_row.clamp(max=self.num_local_experts - 1)
+        row_ok = (expert_of_row < groups)[:, None]
+        e = expert_of_row.clamp(max=groups - 1)
         zero = torch.zeros((), dtype=x.dtype, device=x.device)
         h = torch._grouped_mm(torch.where(row_ok, x, zero), w1, offs=offs)
-        h = self._hidden(torch.where(row_ok, h + self.fc1_bias[e], zero))
+        h = self._hidden(torch.where(row_ok, h + fc1_bias[e], zero))
         y = torch._grouped_mm(h, w2, offs=offs)
-        return torch.where(row_ok, y + self.fc2_bias[e], zero)
+        return torch.where(row_ok, y + fc2_bias[e], zero)
 
     # ---- checkpoint compatibility -------------------------------------------------
     def gather_for_save(self, group) -> None:

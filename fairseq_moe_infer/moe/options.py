@@ -9,7 +9,7 @@ Ranges (reasons): ``moe_capacity_factor`` in (0, 64] (training capacity
 ``int(factor * k * ceil(T / E))``; beyond E / k every expert already holds all T tokens);
 ``moe_eval_capacity_token_fraction`` in [0, 1] (capacity ``ceil(fraction * T)``; 1.0 already
 drops nothing; 0 = the training rule); counts are integers (``moe_expert_count`` >= 1,
-``moe_freq`` / ``moe_expert_ffn_dim`` >= 0); ``moe_gate_loss_wt`` in [0, 1000].
+``moe_freq`` / ``moe_expert_ffn_dim`` / ``moe_expert_buffer_size`` >= 0); ``moe_gate_loss_wt`` in [0, 1000].
 """
 
 import math
@@ -31,6 +31,7 @@ NUMERIC_RULES = {
     "moe_expert_count": (1, 1 << 20, True, int, "experts per MoE layer"),
     "moe_freq": (0, 1 << 20, True, int, "0 = dense"),
     "moe_expert_ffn_dim": (0, 1 << 24, True, int, "0 = the FFN width"),
+    "moe_expert_buffer_size": (0, 1 << 20, True, int, "GPU slots per MoE layer; 0 = all experts resident"),
 }
 
 
@@ -42,7 +43,8 @@ def check_moe_options(**values) -> None:
     """Check the given MoE options (keyword = option name, e.g. ``moe_capacity_factor=1.0``).
 
     Known names: those of :data:`NUMERIC_RULES`, ``moe_gating`` (a registered dispatcher),
-    ``moe_second_expert_policy``, ``k`` (1 or 2, with ``moe_expert_count`` >= k). Unknown
+    ``moe_second_expert_policy``,
+    ``moe_buffer_policy`` (a registered eviction policy), ``k`` (1 or 2, with ``moe_expert_count`` >= k). Unknown
     names are ignored; None values are skipped.
 
     Raises:
@@ -72,6 +74,14 @@ def check_moe_options(**values) -> None:
         raise MoEConfigError(
             f"unknown --moe-second-expert-policy '{policy}'; choose one of {', '.join(SECOND_EXPERT_POLICIES)}"
         )
+    buffer_policy = values.get("moe_buffer_policy")
+    if buffer_policy is not None:
+        from .eviction import POLICIES
+
+        if buffer_policy not in POLICIES:
+            raise MoEConfigError(
+                f"unknown --moe-buffer-policy '{buffer_policy}'; choose one of {', '.join(sorted(POLICIES))}"
+            )
     k = values.get("k")
     if k is not None and k not in (1, 2):
         raise MoEConfigError(f"top-k gating supports k=1 or k=2, got k={k}")

@@ -1,0 +1,198 @@
+#!/usr/bin/env python3
+"""Trace-driven simulation of expert buffering: miss rate against cache size K for every eviction policy.
+
+Reads routing traces recorded with ``--moe-record-trace`` (``fairseq_moe_infer/trace.py``) and replays
+each MoE layer's lookups (the experts that received tokens, call by call) through the same
+:class:`~fairseq_moe_infer.moe.eviction.SlotCache` and policy classes the buffered expert store
+uses (``lifo``, ``lru``, ``fifo``, ``lfu`` and the offline optimum ``belady``), for every K from 1
+to E (Huang et al. 2024, Fig. 12). Layers are grouped into LM scoring (a ``lm*`` trace), the MT
+encoder and the MT decoder (the ``encoder.`` / ``decoder.`` layers of an ``mt*`` trace).
+
+Per group, policy and K it reports the miss rate (misses / lookups, all calls of all layers), and
+per batch (a batch starts at each call of the model's first MoE layer) the average and the worst
+miss rate over batches and layers; plus, per group and K, the gap in points between the best online
+policy and Belady. Output: ``--out`` JSON (with the command and git commit) and a PNG beside it.
+
+Example (the committed results; traces of the bundled models, see README "Expert buffering"):
+    python scripts/simulate_buffering.py benchmarks/results/traces/*.npz \\
+        --out benchmarks/results/buffering_simulation.json
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from collections import defaultdict
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from fairseq_moe_infer.moe.eviction import POLICIES, SlotCache, build_policy  # noqa: E402
+from fairseq_moe_infer.trace import read_trace  # noqa: E402
+
+ONLINE = [p for p in sorted(POLICIES) if p != "belady"]
+
+
+def group_of(trace_name: str, layer_name: str) -> str:
+    """``LM`` for a language-model trace, else ``MT encoder`` / ``MT decoder`` by the layer's stack."""
+    if os.path.basename(trace_name).startswith("lm"):
+        return "LM"
+    return "MT encoder" if layer_name.startswith("encoder.") else "MT decoder"
+
+
+def layer_lookups(trace):
+    """Per layer: the list of lookups (sorted expert ids with tokens) and the batch index of each call."""
+    out = {}
+    batch_of_call, batch = [], -1
+    for layer in trace.call_layer:
+        if layer == 0:
+            batch += 1
+        batch_of_call.append(max(batch, 0))
+    for i, name in enumerate(trace.layer_names):
+        calls = trace.calls_of(i)
+        active = trace.active(i)
+        out[name] = ([row.nonzero()[0].tolist() for row in active], [batch_of_call[c] for c in calls])
+    return out
+
+
+def simulate(lookups, K: int, policy: str, num_experts: int):
+    """Replay ``lookups`` through a K-slot cache; returns per-call (lookups, misses)."""
+    cache = SlotCache(num_experts, K, build_policy(policy, num_experts, lookups if policy == "belady" else None))
+    per_call = []
+    for active in lookups:
+        before = cache.misses
+        cache.lookup(active)
+        per_call.append((len(active), cache.misses - before))
+    return per_call
+
+
+def run(paths, policies, sizes=None):
+    results = defaultdict(lambda: defaultdict(dict))
+    acc = defaultdict(lambda: defaultdict(lambda: {"lookups": 0, "misses": 0, "batch_rates": []}))
+    num_experts = None
+    traces = []
+    for path in paths:
+        t = read_trace(path)
+        num_experts = num_experts or t.num_experts
+        if t.num_experts != num_experts:
+            raise SystemExit(f"simulate_buffering.py: error: {path} has {t.num_experts} experts, the others {num_experts}")
+        traces.append((path, t))
+    ks = sizes or list(range(1, num_experts + 1))
+    per_layer = {}
+    for path, t in traces:
+        for name, (lookups, batches) in layer_lookups(t).items():
+            group = group_of(path, name)
+            for policy in policies:
+                for K in ks:
+                    per_call = simulate(lookups, K, policy, t.num_experts)
+                    a = acc[group][(policy, K)]
+                    n_look = sum(n for n, _ in per_call)
+                    n_miss = sum(m for _, m in per_call)
+                    a["lookups"] += n_look
+                    a["misses"] += n_miss
+                    by_batch = defaultdict(lambda: [0, 0])
+                    for (n, m), b in zip(per_call, batches):
+                        by_batch[b][0] += n
+                        by_batch[b][1] += m
+                    a["batch_rates"] += [m / n for n, m in by_batch.values() if n]
+                    per_layer.setdefault(f"{os.path.basename(path)}:{name}", {}).setdefault(policy, {})[K] = \
+                        round(n_miss / n_look, 6) if n_look else None
+    for group, table in acc.items():
+        for (policy, K), a in table.items():
+            rates = a["batch_rates"]
+            results[group][policy][K] = {
+                "miss_rate": round(a["misses"] / a["lookups"], 6) if a["lookups"] else None,
+                "batch_avg": round(sum(rates) / len(rates), 6) if rates else None,
+                "batch_worst": round(max(rates), 6) if rates else None,
+                "lookups": a["lookups"],
+                "misses": a["misses"],
+            }
+    gaps = {}
+    if "belady" in policies:
+        for group, table in results.items():
+            gaps[group] = {}
+            for K in ks:
+                best = min(ONLINE, key=lambda p: table[p][K]["miss_rate"]) if all(p in table for p in ONLINE) else None
+                if best:
+                    gap = table[best][K]["miss_rate"] - table["belady"][K]["miss_rate"]
+                    gaps[group][K] = {"best_online": best, "gap_points": round(100 * gap, 3)}
+    return {"num_experts": num_experts, "sizes": ks, "groups": {g: dict(v) for g, v in results.items()},
+            "gap_to_belady": gaps, "per_layer_miss_rate": per_layer}
+
+
+def markdown_table(res, fractions=(8, 4, 2, 4 / 3)) -> str:
+    """README table: miss rate (%) per group at K = E/8, E/4, E/2, 3E/4 for each policy (average per
+    batch / worst batch in parentheses for lifo), and the best online policy's gap to Belady."""
+    E = res["num_experts"]
+    policies = sorted(next(iter(res["groups"].values())))
+    lines = ["| group | K | " + " | ".join(policies) + " | lifo per batch avg (worst) | best online - belady |",
+             "|---" * (len(policies) + 4) + "|"]
+    for g in sorted(res["groups"]):
+        t = res["groups"][g]
+        for f in fractions:
+            K = max(1, round(E / f))
+            if K not in t[policies[0]]:
+                continue
+            cells = [f"{100 * t[p][K]['miss_rate']:.1f}" for p in policies]
+            lifo = t.get("lifo", {}).get(K)
+            per_batch = f"{100 * lifo['batch_avg']:.1f} ({100 * lifo['batch_worst']:.1f})" if lifo else ""
+            gap = res["gap_to_belady"].get(g, {}).get(K, {})
+            gap_cell = f"{gap['gap_points']:.2f} ({gap['best_online']})" if gap else ""
+            lines.append(f"| {g} | {K} | " + " | ".join(cells) + f" | {per_batch} | {gap_cell} |")
+    return "\n".join(lines)
+
+
+def plot(res, png):
+    import logging
+
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # fairseq's logging setup leaves the root at DEBUG
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted(res["groups"])
+    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
+    for ax, g in zip(axes[0], groups):
+        for policy, table in sorted(res["groups"][g].items()):
+            ks = sorted(table)
+            line, = ax.plot(ks, [100 * table[k]["batch_avg"] for k in ks], marker="o", ms=3, label=f"{policy} (avg)")
+            ax.plot(ks, [100 * table[k]["batch_worst"] for k in ks], ls="--", color=line.get_color(), lw=0.8)
+        ax.set_title(f"{g}: miss rate per batch (dashed: worst)")
+        ax.set_xlabel("cache size K (experts per layer)")
+        ax.set_ylabel("miss rate (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("traces", nargs="+", help="routing traces (.npz); names starting with 'lm' are LM traces")
+    p.add_argument("--policies", nargs="+", default=sorted(POLICIES), choices=sorted(POLICIES))
+    p.add_argument("--sizes", nargs="+", type=int, default=None, help="cache sizes K (default 1..E)")
+    p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "buffering_simulation.json"))
+    a = p.parse_args()
+    res = run(a.traces, a.policies, a.sizes)
+    try:
+        commit = subprocess.run(["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = None
+    res = {"command": " ".join(["python", "scripts/simulate_buffering.py"] + [os.path.relpath(t, REPO) for t in a.traces]
+                              + sys.argv[1 + len(a.traces):]),
+           "commit": commit, "traces": [os.path.relpath(t, REPO) for t in a.traces], **res}
+    with open(a.out, "w") as f:
+        json.dump(res, f, indent=1)
+    plot(res, os.path.splitext(a.out)[0] + ".png")
+    print(markdown_table(res), file=sys.stderr)
+    for g, gaps in res["gap_to_belady"].items():
+        worst = max(gaps.values(), key=lambda v: v["gap_points"])
+        print(f"{g}: largest gap best-online vs belady {worst['gap_points']:.2f} points", file=sys.stderr)
+    print(json.dumps({g: {p: {k: v["miss_rate"] for k, v in t.items()} for p, t in tbl.items()}
+                      for g, tbl in res["groups"].items()}))
+
+
+if __name__ == "__main__":
+    main()
