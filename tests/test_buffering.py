@@ -225,7 +225,7 @@ def test_buffer_flags_exit_with_one_clear_line(tmp_path):
     write_trace(str(other), RoutingTrace(16, 2, ["encoder.layers.1.moe_layer"], [0], [1], [[0, 1]]))
     cases = [
         (["--moe-expert-buffer-size", "17"], "--moe-expert-buffer-size must be between 1 and the 16 experts per rank"),
-        (["--moe-expert-buffer-size", "-1"], "--moe-expert-buffer-size must be >= 0"),
+        (["--moe-expert-buffer-size", "-1"], "--moe-expert-buffer-size must be a finite integer in [0, "),
         (["--moe-expert-buffer-size", "2", "--moe-buffer-policy", "mru"], "unknown --moe-buffer-policy 'mru'"),
         (["--moe-expert-buffer-size", "2", "--moe-buffer-policy", "belady"], "give --moe-buffer-trace PATH"),
         (["--moe-expert-buffer-size", "2", "--moe-buffer-policy", "belady", "--moe-buffer-trace", other],
