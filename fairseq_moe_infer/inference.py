@@ -13,12 +13,13 @@ from torch import nn
 
 from .cli import exit_with_error
 from .moe import DISPATCHERS, MoEConfigError, moe_layers
+from .moe.placement import LayerPlacement, Placement, load_placement
 from .report import MoERunReport
 
 
 @dataclass
 class MoEInferenceConfig(FairseqDataclass):
-    """``--moe-gating``, ``--moe-eval-capacity-token-fraction``, ``--moe-stats-json``."""
+    """``--moe-gating``, ``--moe-eval-capacity-token-fraction``, ``--moe-stats-json``, ``--moe-placement``."""
 
     moe_gating: str = field(
         default="static",
@@ -37,6 +38,14 @@ class MoEInferenceConfig(FairseqDataclass):
     moe_stats_json: Optional[str] = field(
         default=None, metadata={"help": "write the end-of-run MoE summary (tokens/s, drops, tokens per expert) here"}
     )
+    moe_placement: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "expert placement JSON (scripts/plan_placement.py): per MoE layer the logical expert held by "
+            "each of world_size * slots_per_rank expert slots (spare slots hold replicas); default: contiguous "
+            "shards (rank r holds experts [r*E/W, (r+1)*E/W))"
+        },
+    )
 
 
 def validate_inference_options(cfg) -> None:
@@ -49,8 +58,28 @@ def validate_inference_options(cfg) -> None:
             f"--moe-eval-capacity-token-fraction must be >= 0, got {cfg.moe_eval_capacity_token_fraction} "
             "(0 = training capacity factor; use --moe-gating dynamic to drop nothing)"
         )
+    if problem is None and getattr(cfg, "moe_placement", None):
+        try:
+            load_placement(cfg.moe_placement)
+        except MoEConfigError as e:
+            problem = str(e)
     if problem:
         exit_with_error(problem)
+
+
+def apply_placement(model: nn.Module, placement: Placement) -> None:
+    """Give every MoE layer of ``model`` its slots from ``placement`` (before the weights are
+    loaded: each slot then loads its logical expert from the checkpoint).
+
+    Raises:
+        MoEConfigError: a placement for another world size, expert count or set of MoE layers.
+    """
+    named = moe_layers(model, named=True)
+    world = named[0][1].placement.world_size
+    experts = {m.num_experts for _, m in named}
+    placement.check_model([n for n, _ in named], experts.pop() if len(experts) == 1 else -1, world)
+    for name, m in named:
+        m.set_placement(LayerPlacement(placement.layers[name], m.num_experts, world))
 
 
 def configure_moe(model: nn.Module, cfg) -> Optional[MoERunReport]:
@@ -68,7 +97,12 @@ def configure_moe(model: nn.Module, cfg) -> Optional[MoERunReport]:
         return None
     for m in layers:
         m.set_gating(cfg.moe_gating, cfg.moe_eval_capacity_token_fraction)
+    if getattr(cfg, "moe_placement", None):
+        try:
+            apply_placement(model, load_placement(cfg.moe_placement))
+        except MoEConfigError as e:
+            exit_with_error(str(e))
     return MoERunReport(model, cfg.moe_gating, cfg.moe_eval_capacity_token_fraction, cfg.moe_stats_json).register_atexit()
 
 
-__all__ = ["MoEInferenceConfig", "configure_moe", "validate_inference_options", "MoEConfigError"]
+__all__ = ["MoEInferenceConfig", "apply_placement", "configure_moe", "validate_inference_options", "MoEConfigError"]
