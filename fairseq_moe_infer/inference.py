@@ -5,6 +5,7 @@ They are task options, not model options, so that ``fairseq-generate`` /
 :func:`configure_moe` on every model it builds.
 """
 
+import os
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -15,11 +16,13 @@ from .cli import exit_with_error
 from .moe import DISPATCHERS, MoEConfigError, moe_layers
 from .moe.placement import LayerPlacement, Placement, load_placement
 from .report import MoERunReport
+from .trace import TraceRecorder
 
 
 @dataclass
 class MoEInferenceConfig(FairseqDataclass):
-    """``--moe-gating``, ``--moe-eval-capacity-token-fraction``, ``--moe-stats-json``, ``--moe-placement``."""
+    """``--moe-gating``, ``--moe-eval-capacity-token-fraction``, ``--moe-stats-json``, ``--moe-record-trace``,
+    ``--moe-placement``."""
 
     moe_gating: str = field(
         default="static",
@@ -37,6 +40,13 @@ class MoEInferenceConfig(FairseqDataclass):
     )
     moe_stats_json: Optional[str] = field(
         default=None, metadata={"help": "write the end-of-run MoE summary (tokens/s, drops, tokens per expert) here"}
+    )
+    moe_record_trace: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "record every evaluation MoE-layer call's top-k expert choices to this .npz routing trace "
+            "(fairseq_moe_infer/trace.py; expert-parallel rank r > 0 writes PATH.rank<r>)"
+        },
     )
     moe_placement: Optional[str] = field(
         default=None,
@@ -58,6 +68,8 @@ def validate_inference_options(cfg) -> None:
             f"--moe-eval-capacity-token-fraction must be >= 0, got {cfg.moe_eval_capacity_token_fraction} "
             "(0 = training capacity factor; use --moe-gating dynamic to drop nothing)"
         )
+    elif getattr(cfg, "moe_record_trace", None) and not os.path.isdir(os.path.dirname(os.path.abspath(cfg.moe_record_trace))):
+        problem = f"--moe-record-trace {cfg.moe_record_trace}: its folder does not exist; create it or pick another path"
     if problem is None and getattr(cfg, "moe_placement", None):
         try:
             load_placement(cfg.moe_placement)
@@ -102,6 +114,8 @@ def configure_moe(model: nn.Module, cfg) -> Optional[MoERunReport]:
             apply_placement(model, load_placement(cfg.moe_placement))
         except MoEConfigError as e:
             exit_with_error(str(e))
+    if getattr(cfg, "moe_record_trace", None):
+        TraceRecorder(model, cfg.moe_record_trace).register_atexit()
     return MoERunReport(model, cfg.moe_gating, cfg.moe_eval_capacity_token_fraction, cfg.moe_stats_json).register_atexit()
 
 

@@ -1,0 +1,312 @@
+"""Routing traces: which experts each MoE-layer call chose, token by token (``--moe-record-trace``).
+
+A trace is what the expert-buffering simulator, the Belady eviction policy and the
+expert-placement planner read (Huang et al. 2024, Sec. 5 and Fig. 12 study expert
+locality from such traces). The recorder is an observer, like
+:class:`~fairseq_moe_infer.report.MoERunReport`: a forward hook on each MoE layer's gate
+copies the gate's top-k choices to the host (one copy per layer call); no dispatcher
+knows about it, and outputs do not change. Only evaluation-mode forwards are recorded.
+
+File format (numpy ``.npz`` written with ``np.savez_compressed``; ``FORMAT`` /
+``VERSION`` below). Arrays:
+
+==============  ==========  ==========================================================
+``format``      0-d str     ``"fairseq_moe_infer.routing_trace"``
+``version``     0-d int     1
+``num_experts`` 0-d int     E, logical experts of the gate (all ranks)
+``k``           0-d int     top-k
+``world_size``  0-d int     expert-parallel ranks of the run
+``rank``        0-d int     the rank that wrote the file
+``complete``    0-d bool    False when the run ended with an uncaught exception
+``layer_names`` [L] str     MoE layer module names in model order
+                            (``encoder.layers.1.moe_layer``, ``decoder.layers.3.moe_layer``)
+``call_layer``  [N] int32   index into ``layer_names`` of each MoE-layer forward, in call order
+``call_tokens`` [N] int64   non-padding tokens T_i of that call
+``choices``     [sum T_i, k] int16  the expert of each non-padding token's top-k choices, call
+                            after call in token order; -1 where the gate made no valid choice
+==============  ==========  ==========================================================
+
+Choices are the gate's (before any capacity dropping of static gating). Under expert
+parallelism every rank records its own tokens (global expert ids) to ``PATH`` (rank 0) or
+``PATH.rank<r>``; :func:`merge_rank_traces` concatenates them.
+"""
+
+import atexit
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+FORMAT = "fairseq_moe_infer.routing_trace"
+VERSION = 1
+
+
+class TraceError(ValueError):
+    """A routing trace that cannot be used; the one-line message names the problem and the fix."""
+
+
+@dataclass
+class RoutingTrace:
+    """A routing trace in memory (see the module docstring for the arrays).
+
+    Attributes:
+        num_experts: E.  k: top-k.  world_size, rank: the writing process.
+        complete: False for a trace of an interrupted run.
+        layer_names: [L] MoE layer names.
+        call_layer: [N] int32.  call_tokens: [N] int64.  choices: [sum T_i, k] int16.
+        offsets: [N + 1] int64 start row of each call in ``choices`` (derived).
+    """
+
+    num_experts: int
+    k: int
+    layer_names: List[str]
+    call_layer: np.ndarray
+    call_tokens: np.ndarray
+    choices: np.ndarray
+    world_size: int = 1
+    rank: int = 0
+    complete: bool = True
+    offsets: np.ndarray = field(init=False, repr=False)
+
+    def __post_init__(self):
+        self.layer_names = [str(n) for n in self.layer_names]
+        self.call_layer = np.asarray(self.call_layer, dtype=np.int32).reshape(-1)
+        self.call_tokens = np.asarray(self.call_tokens, dtype=np.int64).reshape(-1)
+        self.choices = np.asarray(self.choices, dtype=np.int16).reshape(-1, self.k)
+        self.offsets = np.concatenate([[0], np.cumsum(self.call_tokens)]).astype(np.int64)
+
+    @property
+    def num_calls(self) -> int:
+        return len(self.call_layer)
+
+    def layer_index(self, layer: Union[int, str]) -> int:
+        """Index of ``layer`` (an index or a name) in :attr:`layer_names`.
+
+        Raises:
+            TraceError: no such layer.
+        """
+        if isinstance(layer, str):
+            if layer not in self.layer_names:
+                raise TraceError(f"the trace has no MoE layer '{layer}' (it has {', '.join(self.layer_names)})")
+            return self.layer_names.index(layer)
+        if not 0 <= int(layer) < len(self.layer_names):
+            raise TraceError(f"the trace has {len(self.layer_names)} MoE layers, not layer {layer}")
+        return int(layer)
+
+    def call_choices(self, i: int) -> np.ndarray:
+        """[T_i, k] int16: the choices of call ``i``."""
+        return self.choices[self.offsets[i] : self.offsets[i + 1]]
+
+    def calls_of(self, layer: Union[int, str]) -> List[int]:
+        """Indices of the calls of ``layer`` (index or name), in call order."""
+        return np.flatnonzero(self.call_layer == self.layer_index(layer)).tolist()
+
+    def expert_counts(self, layer: Union[int, str]) -> np.ndarray:
+        """[n_calls_of_layer, E] int64: tokens routed to each expert per call (-1 choices ignored)."""
+        calls = self.calls_of(layer)
+        out = np.zeros((len(calls), self.num_experts), dtype=np.int64)
+        for row, i in enumerate(calls):
+            c = self.call_choices(i).reshape(-1)
+            c = c[c >= 0]
+            out[row] = np.bincount(c, minlength=self.num_experts)
+        return out
+
+    def active(self, layer: Union[int, str]) -> np.ndarray:
+        """[n_calls_of_layer, E] bool: experts that received at least one token per call."""
+        return self.expert_counts(layer) > 0
+
+
+def write_trace(path: str, trace: RoutingTrace) -> None:
+    """Write ``trace`` to ``path`` (``.npz``, compressed) atomically: a temporary file in the same
+    folder, then a rename, so a reader never sees half a file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".trace-", suffix=".npz")
+    os.close(fd)
+    try:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(
+                f,
+                format=np.array(FORMAT),
+                version=np.array(VERSION),
+                num_experts=np.array(trace.num_experts),
+                k=np.array(trace.k),
+                world_size=np.array(trace.world_size),
+                rank=np.array(trace.rank),
+                complete=np.array(bool(trace.complete)),
+                layer_names=np.array(trace.layer_names, dtype=str),
+                call_layer=trace.call_layer.astype(np.int32),
+                call_tokens=trace.call_tokens.astype(np.int64),
+                choices=trace.choices.astype(np.int16),
+            )
+        os.chmod(tmp, 0o644)  # mkstemp creates it private
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+_ARRAYS = ("format", "version", "num_experts", "k", "world_size", "rank", "complete", "layer_names",
+           "call_layer", "call_tokens", "choices")
+
+
+def read_trace(path: str, num_experts: Optional[int] = None, layer_names: Optional[Sequence[str]] = None,
+               allow_incomplete: bool = False) -> RoutingTrace:
+    """Read and check a trace written by :func:`write_trace`.
+
+    Args:
+        path: the ``.npz`` file.
+        num_experts: E the caller's model has (checked when given).
+        layer_names: the caller's MoE layer names in order (checked when given).
+        allow_incomplete: accept a trace of an interrupted run.
+
+    Raises:
+        TraceError: (one line) missing file, not an npz, truncated, another format or version,
+            inconsistent array sizes, an expert id out of range, an incomplete run, or another
+            expert count / layer list than expected.
+    """
+    if not os.path.isfile(path):
+        raise TraceError(f"routing trace {path} does not exist; record one with --moe-record-trace {path}")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [a for a in _ARRAYS if a not in z.files]
+            if missing:
+                raise TraceError(f"{path} is not a routing trace (no {', '.join(missing)}); record one with --moe-record-trace")
+            arrays = {a: z[a] for a in _ARRAYS}
+    except TraceError:
+        raise
+    except Exception as e:  # zipfile.BadZipFile, EOFError, ValueError, OSError: corrupt or truncated
+        raise TraceError(f"{path} is corrupt or truncated ({type(e).__name__}: {e}); record the trace again") from None
+    if str(arrays["format"]) != FORMAT:
+        raise TraceError(f"{path} is not a routing trace (format '{arrays['format']}', expected '{FORMAT}')")
+    if int(arrays["version"]) != VERSION:
+        raise TraceError(f"{path} is routing trace version {int(arrays['version'])}; this plugin reads version "
+                         f"{VERSION}: record it again with this version")
+    E, k = int(arrays["num_experts"]), int(arrays["k"])
+    names = [str(n) for n in arrays["layer_names"].reshape(-1)]
+    call_layer, call_tokens, choices = arrays["call_layer"], arrays["call_tokens"], arrays["choices"]
+    bad = None
+    if call_layer.ndim != 1 or call_tokens.shape != call_layer.shape:
+        bad = f"{call_layer.shape[0] if call_layer.ndim else 0} call layers but {call_tokens.size} call token counts"
+    elif choices.ndim != 2 or choices.shape[1] != k:
+        bad = f"choices of shape {tuple(choices.shape)}, expected [tokens, k={k}]"
+    elif (call_tokens < 0).any() or int(call_tokens.sum()) != choices.shape[0]:
+        bad = f"the calls' token counts sum to {int(call_tokens.sum())} but it holds {choices.shape[0]} tokens' choices"
+    elif len(call_layer) and (call_layer.min() < 0 or call_layer.max() >= len(names)):
+        bad = f"a call names MoE layer {int(call_layer.max())} of {len(names)}"
+    elif choices.size and (choices.min() < -1 or choices.max() >= E):
+        bad = f"an expert id out of range 0..{E - 1} ({int(choices.min())}..{int(choices.max())})"
+    if bad:
+        raise TraceError(f"{path} is inconsistent: {bad}; record the trace again")
+    if not bool(arrays["complete"]) and not allow_incomplete:
+        raise TraceError(f"{path} is the trace of an interrupted run; record it again to the end")
+    if num_experts is not None and E != num_experts:
+        raise TraceError(f"{path} was recorded with {E} experts per MoE layer but this model has {num_experts}; "
+                         "record a trace of this model with --moe-record-trace")
+    if layer_names is not None and list(layer_names) != names:
+        raise TraceError(f"{path} was recorded on MoE layers {', '.join(names) or '(none)'} but this model has "
+                         f"{', '.join(layer_names)}; record a trace of this model with --moe-record-trace")
+    return RoutingTrace(E, k, names, call_layer, call_tokens, choices, int(arrays["world_size"]), int(arrays["rank"]),
+                        bool(arrays["complete"]))
+
+
+def rank_path(path: str, rank: int) -> str:
+    """The file rank ``rank`` writes for ``--moe-record-trace path``."""
+    return path if rank == 0 else f"{path}.rank{rank}"
+
+
+def merge_rank_traces(paths: Sequence[str], **read_kwargs) -> RoutingTrace:
+    """One trace holding the calls of every file in ``paths`` (ranks of one expert-parallel run),
+    concatenated in the order given.
+
+    Raises:
+        TraceError: a file is unusable or the files disagree on experts, k or layers.
+    """
+    traces = [read_trace(p, **read_kwargs) for p in paths]
+    if not traces:
+        raise TraceError("no routing trace files given")
+    t0 = traces[0]
+    for p, t in zip(paths, traces):
+        if (t.num_experts, t.k, t.layer_names) != (t0.num_experts, t0.k, t0.layer_names):
+            raise TraceError(f"{p} does not match {paths[0]} (experts, top-k or MoE layers differ); merge ranks of one run")
+    return RoutingTrace(t0.num_experts, t0.k, t0.layer_names, np.concatenate([t.call_layer for t in traces]),
+                        np.concatenate([t.call_tokens for t in traces]), np.concatenate([t.choices for t in traces]),
+                        t0.world_size, 0, all(t.complete for t in traces))
+
+
+class TraceRecorder:
+    """Records the routing of every evaluation-mode MoE-layer forward of ``model``.
+
+    Args:
+        model: a module holding :class:`~fairseq_moe_infer.moe.MoELayer` modules.
+        path: output file (rank r > 0 of an expert-parallel run writes ``path.rank<r>``).
+
+    Per call, the gate's [T, k] choices (padding rows and invalid choices -1) are copied to
+    the host once, as int16, and the padding rows dropped there.
+    """
+
+    def __init__(self, model: nn.Module, path: str):
+        from .moe import moe_layers
+
+        layers = moe_layers(model, named=True)
+        self.path = path
+        self.layer_names = [n for n, _ in layers]
+        gates = [m.gate for _, m in layers]
+        self.num_experts = gates[0].num_experts if gates else 0
+        self.k = gates[0].k if gates else 0
+        self.call_layer: List[int] = []
+        self.call_tokens: List[int] = []
+        self.choices: List[np.ndarray] = []
+        self.interrupted = False
+        self._done = False
+        for i, g in enumerate(gates):
+            g.register_forward_hook(self._hook(i))
+
+    def _hook(self, index: int):
+        def hook(gate, args, routing):
+            if gate.training:
+                return
+            c = torch.where(routing.valid, routing.expert_indices, -1).to(torch.int16).cpu().numpy()  # the host copy
+            c = c[c[:, 0] >= 0]  # padding tokens have no valid first choice
+            self.call_layer.append(index)
+            self.call_tokens.append(c.shape[0])
+            self.choices.append(c)
+
+        return hook
+
+    def trace(self) -> RoutingTrace:
+        """The calls recorded so far."""
+        from .moe.comm import expert_parallel_group
+
+        _, world, rank = expert_parallel_group()
+        choices = np.concatenate(self.choices) if self.choices else np.zeros((0, self.k), dtype=np.int16)
+        return RoutingTrace(self.num_experts, self.k, self.layer_names, np.array(self.call_layer, dtype=np.int32),
+                            np.array(self.call_tokens, dtype=np.int64), choices, world, rank, not self.interrupted)
+
+    def finish(self) -> Optional[str]:
+        """Write the trace once (at exit); returns the file written."""
+        if self._done:
+            return None
+        self._done = True
+        t = self.trace()
+        out = rank_path(self.path, t.rank)
+        write_trace(out, t)
+        return out
+
+    def register_atexit(self) -> "TraceRecorder":
+        """Write at interpreter exit; an uncaught exception (also Ctrl-C) marks the trace incomplete.
+        Python calls ``sys.excepthook`` before the atexit handlers: the recorder chains it."""
+        previous = sys.excepthook
+
+        def excepthook(*exc):
+            self.interrupted = True
+            previous(*exc)
+
+        sys.excepthook = excepthook
+        atexit.register(self.finish)
+        return self
