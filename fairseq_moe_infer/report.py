@@ -9,7 +9,16 @@ forwards only and gives:
   the first to the last MoE-layer forward;
 * ``peak_accelerator_memory_bytes``: ``torch.cuda.max_memory_allocated`` (None on CPU);
 * ``dropped`` / ``routed``: top-k choices dropped for capacity / all valid choices;
-* per layer: tokens, routed, dropped and tokens per expert.
+* per layer: tokens, routed, dropped and tokens per expert;
+* per layer, the load of each expert-parallel GPU (``gpu_load``, see
+  :func:`gpu_load_summary`): kept top-k choices its expert slots processed, summed over the
+  run (``tokens_per_gpu``) and per forward (batch): the slowest GPU sets each step's time, so
+  ``step_max_over_mean`` (sum over batches of the largest GPU load over the sum of the mean
+  loads) is the slowdown against perfect balance; also the mean and worst per-batch ratio and
+  the ratio of the run totals (:func:`fairseq_moe_infer.placement_planner.load_ratios`).
+  Under expert parallelism the ranks' per-batch loads are summed with one ``all_reduce`` when
+  the summary is made (every rank makes it at exit: each MoE forward was a collective, so all
+  ranks have the same number of forwards).
 
 It is logged (one readable line per layer, then the whole summary as one JSON
 line prefixed ``moe_summary``) and written to ``--moe-stats-json`` when given.
@@ -28,6 +37,7 @@ import torch
 from torch import nn
 
 from .moe import moe_layers
+from .placement_planner import load_ratios
 
 logger = logging.getLogger("fairseq_moe_infer")
 
@@ -63,6 +73,8 @@ class MoERunReport:
     def summary(self) -> dict:
         """The summary dict (host sync once)."""
         layers = {name: m.eval_totals() for name, m in self.layers}
+        for name, m in self.layers:
+            layers[name]["gpu_load"] = gpu_load_summary(m)
         firsts = {}
         for name, totals in layers.items():
             stack = name.split(".layers.")[0]
@@ -99,6 +111,11 @@ class MoERunReport:
         )
         for name, v in s["layers"].items():
             logger.info("MoE %s: tokens per expert %s (dropped %d)", name, v["expert_counts"], v["dropped"])
+            g = v["gpu_load"]
+            if g["world_size"] > 1:
+                logger.info("MoE %s: tokens per GPU %s, per-batch max/mean %.3f (worst batch %.3f, run totals %.3f)",
+                            name, g["tokens_per_gpu"], g["step_max_over_mean"] or 0, g["worst_batch_max_over_mean"] or 0,
+                            g["run_max_over_mean"] or 0)
         if self.json_path:
             rank = s.get("rank", 0)
             with open(self.json_path if rank == 0 else f"{self.json_path}.rank{rank}", "w") as f:
@@ -109,6 +126,26 @@ class MoERunReport:
     def register_atexit(self) -> "MoERunReport":
         atexit.register(self.finish)
         return self
+
+
+def gpu_load_summary(layer) -> dict:
+    """Load of each expert-parallel GPU for one :class:`MoELayer` (see the module docstring).
+
+    Returns:
+        dict: ``world_size``, ``slots_per_gpu``, ``tokens_per_gpu`` ([W] ints, whole run, all
+        ranks' tokens), and :func:`~fairseq_moe_infer.placement_planner.load_ratios` of the
+        [forwards, W] per-batch loads.
+    """
+    loads = layer.eval_rank_loads()
+    if layer.group is not None and loads.numel():
+        import torch.distributed as dist
+
+        loads = loads.clone()
+        dist.all_reduce(loads, group=layer.group)
+    host = loads.cpu().numpy()
+    return {"world_size": layer.placement.world_size, "slots_per_gpu": layer.placement.slots_per_rank,
+            "tokens_per_gpu": host.sum(0).astype(int).tolist() if host.size else [0] * layer.placement.world_size,
+            **load_ratios(host)}
 
 
 def _rank_info() -> dict:
