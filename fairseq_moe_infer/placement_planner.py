@@ -253,3 +253,70 @@ def _solve(x: np.ndarray, gpus: int, slots: int, time_limit_s: float):
                bounds=Bounds(lb, ub), options={"time_limit": time_limit_s, "disp": False})
     dual = getattr(res, "mip_dual_bound", None)
     return (float(res.fun) if res.x is not None else None), (None if dual is None else float(dual)), res.status == 0
+
+
+def trace_layer_counts(paths: Sequence[str]) -> Dict[str, np.ndarray]:
+    """Per-batch expert loads of every MoE layer from routing traces (``--moe-record-trace``).
+
+    Args:
+        paths: trace files (:func:`fairseq_moe_infer.trace.read_trace`); several files (runs)
+            are concatenated batch after batch. An expert-parallel run's rank files
+            (``PATH.rank<r>`` beside ``PATH``) are read with it and summed call by call: the
+            ranks' r-th calls of a layer are one step.
+
+    Returns:
+        layer name -> [B, E] int64 tokens per expert per forward.
+
+    Raises:
+        fairseq_moe_infer.trace.TraceError: unreadable traces, or traces of other models
+            (another expert count or layer list than the first).
+    """
+    from .trace import rank_path, read_trace
+
+    out: Dict[str, List[np.ndarray]] = {}
+    first = None
+    for path in paths:
+        t = read_trace(path, *(first or (None, None)))
+        first = first or (t.num_experts, t.layer_names)
+        ranks = [t] + [read_trace(rank_path(path, r), t.num_experts, t.layer_names) for r in range(1, t.world_size)]
+        for name in t.layer_names:
+            per_rank = [r.expert_counts(name) for r in ranks]
+            n = min(len(c) for c in per_rank)
+            out.setdefault(name, []).append(sum(c[:n] for c in per_rank))
+    return {name: np.concatenate(parts) for name, parts in out.items()}
+
+
+def plan_placement(policy: str, layer_counts: Dict[str, np.ndarray], gpus: int, slots: int, **extra):
+    """A :class:`~fairseq_moe_infer.moe.placement.Placement` of every layer by ``policy``.
+
+    Args:
+        layer_counts: :func:`trace_layer_counts`'s output.
+        extra: recorded in the file (e.g. the traces planned on).
+    """
+    from .moe.placement import Placement
+
+    e = next(iter(layer_counts.values())).shape[1]
+    plans = {name: [int(v) for v in plan_layer(policy, c, gpus, slots)] for name, c in layer_counts.items()}
+    return Placement(gpus, slots, e, plans, {"policy": policy, **extra})
+
+
+def placement_ratios(placement, layer_counts: Dict[str, np.ndarray]) -> Dict[str, object]:
+    """Simulated GPU-load ratios of ``placement`` on ``layer_counts`` (each layer's steps run
+    one after another, so a stack's time is the sum over its layers' steps).
+
+    Returns:
+        ``layers``: name -> :func:`load_ratios`; per stack (``encoder`` / ``decoder``):
+        ``step_max_over_mean`` over all its layers' steps (sum of max over sum of mean) and
+        ``worst_layer`` (the largest layer ratio).
+    """
+    layers, stacks = {}, {}
+    for name, c in layer_counts.items():
+        loads = gpu_loads(c, placement.layers[name], placement.world_size)
+        layers[name] = load_ratios(loads)
+        keep = loads[loads.sum(1) > 0]
+        s = stacks.setdefault(name.split(".")[0], [0.0, 0.0, 0.0])
+        s[0] += keep.max(1).sum() if keep.size else 0.0
+        s[1] += keep.mean(1).sum() if keep.size else 0.0
+        s[2] = max(s[2], layers[name]["step_max_over_mean"] or 0.0)
+    return {"layers": layers, **{k: {"step_max_over_mean": v[0] / v[1] if v[1] else None, "worst_layer": v[2]}
+                                 for k, v in stacks.items()}}

@@ -215,3 +215,40 @@ def test_planner_refuses_too_few_slots_and_unknown_policies():
         pp.plan_layer("greedy", np.ones((1, 4)), 1, 2)
     with pytest.raises(ValueError, match="unknown placement policy"):
         pp.plan_layer("best", np.ones((1, 4)), 2, 2)
+
+
+def _write(path, choices_per_call, layer_of_call, world=1, rank=0):
+    from fairseq_moe_infer.trace import RoutingTrace, write_trace
+
+    choices = np.concatenate([np.array(c, dtype=np.int16).reshape(-1, 1) for c in choices_per_call])
+    write_trace(str(path), RoutingTrace(4, 1, ["decoder.layers.0.moe_layer", "decoder.layers.1.moe_layer"],
+                                        layer_of_call, [len(c) for c in choices_per_call], choices, world, rank))
+
+
+def test_trace_counts_sum_expert_parallel_ranks_call_by_call_and_the_script_writes_a_usable_map(tmp_path, capsys):
+    from fairseq_moe_infer.trace import rank_path
+
+    # rank 0 and rank 1 of a 2-process run, two calls per layer each; step i = both ranks' i-th call
+    _write(tmp_path / "t.npz", [[0, 0, 1], [2], [3, 3], [1]], [0, 1, 0, 1], world=2, rank=0)
+    _write(rank_path(str(tmp_path / "t.npz"), 1), [[0], [2, 2], [3], [0]], [0, 1, 0, 1], world=2, rank=1)
+    counts = pp.trace_layer_counts([str(tmp_path / "t.npz")])
+    assert counts["decoder.layers.0.moe_layer"].tolist() == [[3, 1, 0, 0], [0, 0, 0, 3]]
+    assert counts["decoder.layers.1.moe_layer"].tolist() == [[0, 0, 3, 0], [1, 1, 0, 0]]
+    import runpy
+
+    out = tmp_path / "map.json"
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "plan_placement.py")
+    argv = ["plan_placement.py", "--trace", str(tmp_path / "t.npz"), "--heldout", str(tmp_path / "t.npz"),
+            "--gpus", "2", "--slots", "3", "--policy", "replicate", "--out", str(out)]
+    import sys
+
+    old, sys.argv = sys.argv, argv
+    try:
+        runpy.run_path(script, run_name="__main__")
+    finally:
+        sys.argv = old
+    text = capsys.readouterr().out
+    assert "held-out traces: per-batch max/mean GPU load decoder" in text
+    placement = load_placement(str(out))
+    assert placement.world_size == 2 and placement.slots_per_rank == 3 and placement.extra["policy"] == "replicate"
+    placement.check_model(list(counts), 4, 2)
