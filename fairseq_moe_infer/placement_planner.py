@@ -8,10 +8,11 @@ GPU g), the per-layer entry of a :class:`~fairseq_moe_infer.moe.placement.Placem
 Policies (:data:`POLICIES`):
 
 * ``contiguous``: GPU g holds experts ``[g * E / G, (g + 1) * E / G)`` (today's sharding);
-  spare slots replicate the same experts again in order.
+  spare slots replicate the same experts again in order (G > E: slot i holds expert i mod E).
 * ``greedy`` (the paper's "greedy" balancing): experts by descending total load, each onto the
-  GPU with the least load so far that has a free slot. Spare slots, if any, are then filled by
-  ``replicate``'s rule.
+  GPU with the least load so far that has a free slot. The paper has no spare slots; here spare
+  slots (S > E / G) get replicas counted by ``replicate``'s rule, all packed greedily, so with
+  spare slots ``greedy`` and ``replicate`` give the same plan.
 * ``anti_correlation`` (the paper, for decoders): greedy order, but an expert goes to the GPU
   (with a free slot) where it adds least per-batch overload: cost of GPU g =
   ``sum_b max(0, load_g[b] + x[b] - mean_b)`` with ``mean_b`` the batch's balanced GPU load.
@@ -44,9 +45,15 @@ def _check(num_experts: int, gpus: int, slots: int) -> None:
 
 
 def contiguous(counts: np.ndarray, gpus: int, slots: int) -> Plan:
-    """Today's sharding, spare slots cycling over the experts again (E must divide by G)."""
+    """Today's sharding: G <= E (G dividing E): GPU g holds ``[g * E / G, (g + 1) * E / G)``, its
+    spare slots repeating them; G > E (E dividing G * S): slot i holds expert ``i mod E`` (every
+    expert replicated ``G * S / E`` times, one per GPU)."""
     e = counts.shape[1]
     _check(e, gpus, slots)
+    if gpus > e:
+        if (gpus * slots) % e:
+            raise ValueError(f"contiguous placement with G > E needs E ({e}) to divide G * S ({gpus * slots})")
+        return [i % e for i in range(gpus * slots)]
     if e % gpus:
         raise ValueError(f"contiguous placement needs G ({gpus}) to divide E ({e})")
     per = e // gpus
