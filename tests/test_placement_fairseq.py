@@ -68,6 +68,7 @@ def _check_gpu_load(tmp_path, name, world, slots):
         assert g["step_max_over_mean"] >= 1.0 and g["batches"] >= 1
 
 
+@pytest.mark.slow
 def test_eval_lm_with_replicated_placements_equals_contiguous(tmp_path):
     runs = {"one": _eval_lm(tmp_path, "one", 1),
             "one_placed": _eval_lm(tmp_path, "one_placed", 1, _map(tmp_path, 1, 20, LM_LAYERS, "w1")),
@@ -99,6 +100,7 @@ def _generate(extra):
     return run("interactive", args, stdin=lines)
 
 
+@pytest.mark.slow
 def test_generate_with_a_replicated_placement_gives_the_same_hypotheses(tmp_path):
     ref = ok(_generate([]))
     got = ok(_generate(["--moe-placement", _map(tmp_path, 1, 24, MT_LAYERS, "mt")]))
@@ -115,6 +117,3 @@ def test_a_map_for_another_world_size_ends_the_tool_with_one_line(tmp_path):
     assert proc.returncode != 0
     last = (proc.stdout + proc.stderr).strip().splitlines()[-1]
     assert last.startswith("fairseq-interactive: error: --moe-placement is for world size 2, this run has 1"), last
-    proc = _generate(["--moe-placement", _map(tmp_path, 1, 16, LM_LAYERS, "lm")])
-    last = (proc.stdout + proc.stderr).strip().splitlines()[-1]
-    assert proc.returncode != 0 and "--moe-placement lists 2 MoE layers, the model has 4" in last, last
