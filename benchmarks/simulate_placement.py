@@ -25,6 +25,7 @@ E = 16 in the bundled models, so G = 64 runs with 1 and 2 slots per GPU: every e
 
 import argparse
 import glob
+import logging
 import os
 import sys
 import time
@@ -102,6 +103,7 @@ def plot(results: dict, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
     import matplotlib.pyplot as plt
 
     panels = sorted({(r["model"], stack) for r in results["held_out"] for stack in r["held_out_ratio"]})
