@@ -37,5 +37,6 @@ setup(
         "tqdm",
     ],
     # triton: its CPU interpreter runs the fused-kernel test (tests/test_kernels.py) without a GPU
-    extras_require={"dev": ["pytest", "ruff", "matplotlib", "triton; sys_platform == 'linux' and platform_machine == 'x86_64'"]},
+    extras_require={"dev": ["pytest", "ruff", "matplotlib", "scipy",  # scipy: the placement bound (HiGHS MILP)
+                            "triton; sys_platform == 'linux' and platform_machine == 'x86_64'"]},
 )
