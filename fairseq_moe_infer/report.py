@@ -133,17 +133,20 @@ def gpu_load_summary(layer) -> dict:
 
     Returns:
         dict: ``world_size``, ``slots_per_gpu``, ``tokens_per_gpu`` ([W] ints, whole run, all
-        ranks' tokens), and :func:`~fairseq_moe_infer.placement_planner.load_ratios` of the
+        ranks' tokens), ``all_ranks`` (False when the process group was already destroyed at
+        exit: then this rank's tokens only), and :func:`~fairseq_moe_infer.placement_planner.load_ratios` of the
         [forwards, W] per-batch loads.
     """
-    loads = layer.eval_rank_loads()
-    if layer.group is not None and loads.numel():
-        import torch.distributed as dist
+    import torch.distributed as dist
 
+    loads = layer.eval_rank_loads()
+    all_ranks = layer.group is None or dist.is_initialized()
+    if layer.group is not None and all_ranks and loads.numel():
         loads = loads.clone()
         dist.all_reduce(loads, group=layer.group)
     host = loads.cpu().numpy()
     return {"world_size": layer.placement.world_size, "slots_per_gpu": layer.placement.slots_per_rank,
+            "all_ranks": all_ranks,  # False: the process group was gone at exit, this rank's tokens only
             "tokens_per_gpu": host.sum(0).astype(int).tolist() if host.size else [0] * layer.placement.world_size,
             **load_ratios(host)}
 
