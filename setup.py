@@ -40,5 +40,6 @@ setup(
         "matplotlib",  # scripts/evaluate.py's tokens-per-expert heat map
     ],
     # triton: its CPU interpreter runs the fused-kernel test (tests/test_kernels.py) without a GPU
-    extras_require={"dev": ["pytest", "ruff", "triton; sys_platform == 'linux' and platform_machine == 'x86_64'"]},
+    extras_require={"dev": ["pytest", "ruff", "scipy",  # scipy: the placement bound (HiGHS MILP)
+                            "triton; sys_platform == 'linux' and platform_machine == 'x86_64'"]},
 )

@@ -17,6 +17,7 @@ from .cli import exit_with_error
 from .moe import MoEConfigError, moe_layers
 from .moe.buffered import ExpertBuffer
 from .moe.options import check_moe_options
+from .moe.placement import LayerPlacement, Placement, load_placement
 from .report import MoERunReport
 from .trace import TraceError, TraceRecorder, rank_path, read_trace
 
@@ -37,7 +38,8 @@ def check_writable_path(path: Optional[str]) -> Optional[str]:
 
 @dataclass
 class MoEInferenceConfig(FairseqDataclass):
-    """``--moe-gating``, ``--moe-eval-capacity-token-fraction``, ``--moe-stats-json``, ``--moe-record-trace``."""
+    """``--moe-gating``, ``--moe-eval-capacity-token-fraction``, ``--moe-stats-json``, ``--moe-record-trace``,
+    ``--moe-placement``."""
 
     moe_gating: str = field(
         default="static",
@@ -80,6 +82,14 @@ class MoEInferenceConfig(FairseqDataclass):
             "(fairseq_moe_infer/trace.py; expert-parallel rank r > 0 writes PATH.rank<r>)"
         },
     )
+    moe_placement: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "expert placement JSON (scripts/plan_placement.py): per MoE layer the logical expert held by "
+            "each of world_size * slots_per_rank expert slots (spare slots hold replicas); default: contiguous "
+            "shards (rank r holds experts [r*E/W, (r+1)*E/W))"
+        },
+    )
 
 
 def validate_inference_options(cfg) -> None:
@@ -100,12 +110,32 @@ def validate_inference_options(cfg) -> None:
                    "(recorded with --moe-record-trace on the same data and flags)")
     elif getattr(cfg, "moe_buffer_trace", None) and not (cfg.moe_expert_buffer_size and cfg.moe_buffer_policy == "belady"):
         problem = "--moe-buffer-trace is read only by --moe-buffer-policy belady with --moe-expert-buffer-size K > 0"
+    if problem is None and getattr(cfg, "moe_placement", None):
+        try:
+            load_placement(cfg.moe_placement)
+        except MoEConfigError as e:
+            problem = str(e)
     if problem:
         exit_with_error(problem)
     for flag in ("moe_stats_json", "moe_record_trace"):
         problem = check_writable_path(getattr(cfg, flag, None))
         if problem:
             exit_with_error(f"--{flag.replace('_', '-')}: {problem}")
+
+
+def apply_placement(model: nn.Module, placement: Placement) -> None:
+    """Give every MoE layer of ``model`` its slots from ``placement`` (before the weights are
+    loaded: each slot then loads its logical expert from the checkpoint).
+
+    Raises:
+        MoEConfigError: a placement for another world size, expert count or set of MoE layers.
+    """
+    named = moe_layers(model, named=True)
+    world = named[0][1].placement.world_size
+    experts = {m.num_experts for _, m in named}
+    placement.check_model([n for n, _ in named], experts.pop() if len(experts) == 1 else -1, world)
+    for name, m in named:
+        m.set_placement(LayerPlacement(placement.layers[name], m.num_experts, world))
 
 
 def configure_moe(model: nn.Module, cfg) -> Optional[MoERunReport]:
@@ -123,6 +153,11 @@ def configure_moe(model: nn.Module, cfg) -> Optional[MoERunReport]:
         return None
     for m in layers:
         m.set_gating(cfg.moe_gating, cfg.moe_eval_capacity_token_fraction)
+    if getattr(cfg, "moe_placement", None):
+        try:
+            apply_placement(model, load_placement(cfg.moe_placement))
+        except MoEConfigError as e:
+            exit_with_error(str(e))
     if getattr(cfg, "moe_expert_buffer_size", 0):
         configure_buffering(model, cfg.moe_expert_buffer_size, cfg.moe_buffer_policy, cfg.moe_buffer_trace)
     if getattr(cfg, "moe_record_trace", None):
@@ -130,6 +165,7 @@ def configure_moe(model: nn.Module, cfg) -> Optional[MoERunReport]:
     return MoERunReport(model, cfg.moe_gating, cfg.moe_eval_capacity_token_fraction, cfg.moe_stats_json).register_atexit()
 
 
+__all__ = ["MoEInferenceConfig", "apply_placement", "configure_moe", "validate_inference_options", "MoEConfigError"]
 def configure_buffering(model: nn.Module, num_slots: int, policy: str = "lifo", trace_path: Optional[str] = None) -> None:
     """Give every MoE layer's experts an :class:`~fairseq_moe_infer.moe.buffered.ExpertBuffer` of
     ``num_slots`` slots (``--moe-expert-buffer-size``), evicting by ``policy``.

@@ -16,6 +16,15 @@ forwards only and gives:
   misses, hit rate, bytes copied host to device, copy time and the part that overlapped
   compute, device bytes held by experts buffered vs all resident
   (:meth:`~fairseq_moe_infer.moe.buffered.ExpertBuffer.stats`).
+* per layer, the load of each expert-parallel GPU (``gpu_load``, see
+  :func:`gpu_load_summary`): kept top-k choices its expert slots processed, summed over the
+  run (``tokens_per_gpu``) and per forward (batch): the slowest GPU sets each step's time, so
+  ``step_max_over_mean`` (sum over batches of the largest GPU load over the sum of the mean
+  loads) is the slowdown against perfect balance; also the mean and worst per-batch ratio and
+  the ratio of the run totals (:func:`fairseq_moe_infer.placement_planner.load_ratios`).
+  Under expert parallelism the ranks' per-batch loads are summed with one ``all_reduce`` when
+  the summary is made (every rank makes it at exit: each MoE forward was a collective, so all
+  ranks have the same number of forwards).
 
 It is logged (one readable line per layer, then the whole summary as one JSON
 line prefixed ``moe_summary``) and written to ``--moe-stats-json`` when given (strict JSON:
@@ -38,6 +47,7 @@ from torch import nn
 
 from .cli import failed_with_error_line, run_failed
 from .moe import moe_layers
+from .placement_planner import load_ratios
 
 logger = logging.getLogger("fairseq_moe_infer")
 
@@ -76,6 +86,8 @@ class MoERunReport:
         buffers = {name: m.experts.buffer.stats() for name, m in self.layers if m.experts.buffer is not None}
         for name, b in buffers.items():
             layers[name]["buffer"] = b
+        for name, m in self.layers:
+            layers[name]["gpu_load"] = gpu_load_summary(m)
         firsts = {}
         for name, totals in layers.items():
             stack = name.split(".layers.")[0]
@@ -121,6 +133,11 @@ class MoERunReport:
         )
         for name, v in s["layers"].items():
             logger.info("MoE %s: tokens per expert %s (dropped %d)", name, v["expert_counts"], v["dropped"])
+            g = v["gpu_load"]
+            if g["world_size"] > 1:
+                logger.info("MoE %s: tokens per GPU %s, per-batch max/mean %.3f (worst batch %.3f, run totals %.3f)",
+                            name, g["tokens_per_gpu"], g["step_max_over_mean"] or 0, g["worst_batch_max_over_mean"] or 0,
+                            g["run_max_over_mean"] or 0)
             if "buffer" in v:
                 logger.info("MoE %s: %s", name, _buffer_line(v["buffer"]))
         if "buffer" in s:
@@ -161,6 +178,29 @@ def _buffer_line(b: dict) -> str:
             f"hit rate={rate} copied={b['bytes_copied_h2d'] / 2**20:.1f} MiB in {b['copy_s']:.4f}s "
             f"({b['copy_overlapped_s']:.4f}s overlapped compute) device expert memory "
             f"{b['device_bytes_buffered'] / 2**20:.1f} MiB (all resident {b['device_bytes_all_resident'] / 2**20:.1f} MiB)")
+
+
+def gpu_load_summary(layer) -> dict:
+    """Load of each expert-parallel GPU for one :class:`MoELayer` (see the module docstring).
+
+    Returns:
+        dict: ``world_size``, ``slots_per_gpu``, ``tokens_per_gpu`` ([W] ints, whole run, all
+        ranks' tokens), ``all_ranks`` (False when the process group was already destroyed at
+        exit: then this rank's tokens only), and :func:`~fairseq_moe_infer.placement_planner.load_ratios` of the
+        [forwards, W] per-batch loads.
+    """
+    import torch.distributed as dist
+
+    loads = layer.eval_rank_loads()
+    all_ranks = layer.group is None or dist.is_initialized()
+    if layer.group is not None and all_ranks and loads.numel():
+        loads = loads.clone()
+        dist.all_reduce(loads, group=layer.group)
+    host = loads.cpu().numpy()
+    return {"world_size": layer.placement.world_size, "slots_per_gpu": layer.placement.slots_per_rank,
+            "all_ranks": all_ranks,  # False: the process group was gone at exit, this rank's tokens only
+            "tokens_per_gpu": host.sum(0).astype(int).tolist() if host.size else [0] * layer.placement.world_size,
+            **load_ratios(host)}
 
 
 def _rank_info() -> dict:

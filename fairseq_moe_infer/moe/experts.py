@@ -13,13 +13,15 @@ checkpoint code can shard it per rank.
 
 State dicts saved by fairseq's MoE branch, with one module per expert
 (``experts.{i}.fc1.weight``), are converted on load by
-:meth:`Experts._load_from_state_dict`; a full stack of E experts is sliced to
-this rank's ``[rank * E_local, (rank + 1) * E_local)`` range.
+:meth:`Experts._load_from_state_dict`; from a full stack of E experts each local
+slot takes its logical expert's weights (``expert_index``: by default this rank's
+contiguous range ``[rank * E_local, (rank + 1) * E_local)``; under an expert
+placement, :mod:`~fairseq_moe_infer.moe.placement`, any experts, replicas included).
 """
 
 import math
 import re
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -89,6 +91,8 @@ class Experts(nn.Module):
         activation_dropout: dropout after the activation (training only).
         num_global_experts: E, the experts of all ranks (defaults to E_local).
         global_offset: index of this rank's first expert among all E experts.
+        expert_index: the logical expert (in ``[0, E)``) held by each of the E_local slots;
+            defaults to ``global_offset + i`` (contiguous sharding). Replicas repeat an id.
     """
 
     def __init__(
@@ -100,12 +104,19 @@ class Experts(nn.Module):
         activation_dropout: float = 0.0,
         num_global_experts: int = 0,
         global_offset: int = 0,
+        expert_index: Optional[Sequence[int]] = None,
     ):
         super().__init__()
         self.model_dim, self.ffn_dim = model_dim, ffn_dim
         self.num_local_experts = num_local_experts
         self.num_global_experts = num_global_experts or num_local_experts
         self.global_offset = global_offset
+        self.expert_index = (
+            [int(i) for i in expert_index] if expert_index is not None
+            else list(range(global_offset, global_offset + num_local_experts))
+        )
+        if len(self.expert_index) != num_local_experts:
+            raise MoEConfigError(f"expert_index lists {len(self.expert_index)} experts for {num_local_experts} slots")
         self.activation_name = activation_fn
         self.activation_fn = utils.get_activation_fn(activation_fn)
         self.activation_dropout = FairseqDropout(activation_dropout, module_name="Experts")
@@ -125,14 +136,14 @@ class Experts(nn.Module):
         One seed is drawn from the global RNG (the same draw on every rank, as
         fairseq seeds all ranks alike); global expert ``j`` is then drawn from a
         generator seeded ``seed + j``. So a rank holding experts
-        ``[global_offset, global_offset + E_local)`` gets exactly those experts of
+        ``expert_index`` (replicas included) gets exactly those experts of
         the single-process model, without drawing the others.
         """
         seed = int(torch.randint(0, 2**62, (1,), device="cpu"))  # CPU even under ``with torch.device("meta")``
         if self.fc1_weight.is_meta:  # built on the meta device: nothing to fill yet
             return
         for i in range(self.num_local_experts):
-            g = torch.Generator().manual_seed(seed + self.global_offset + i)
+            g = torch.Generator().manual_seed(seed + self.expert_index[i])
             for w, b in ((self.fc1_weight, self.fc1_bias), (self.fc2_weight, self.fc2_bias)):
                 bound = 1.0 / math.sqrt(w.shape[-1])
                 with torch.no_grad():
@@ -228,7 +239,16 @@ class Experts(nn.Module):
         """Collect all E experts on rank 0 of the expert-parallel ``group`` (a collective: every
         rank calls it), one tensor at a time and into CPU memory, so that rank 0's next
         ``state_dict()`` holds the full [E, ...] stacks, loadable by any world size. Other ranks
-        only send. :meth:`release_gathered` drops the copies."""
+        only send. :meth:`release_gathered` drops the copies.
+
+        Raises:
+            MoEConfigError: a placement map other than the contiguous sharding (``--moe-placement``).
+        """
+        import torch.distributed as dist
+
+        rank = dist.get_rank(group)
+        if self.expert_index != list(range(rank * self.num_local_experts, (rank + 1) * self.num_local_experts)):
+            raise MoEConfigError("saving a checkpoint needs the contiguous expert sharding; drop --moe-placement")
         gathered = {name: gather_expert_stack(getattr(self, name), group) for name in EXPERT_PARAMS}
         self._gathered = None if gathered[EXPERT_PARAMS[0]] is None else gathered
 
@@ -237,15 +257,15 @@ class Experts(nn.Module):
 
         Args:
             key: the tensor's name, for the error message.
-            t: [E, ...] (all experts: rows ``[global_offset, global_offset + E_local)`` are
+            t: [E, ...] (all experts: the rows of ``expert_index``, this rank's slots, are
                 returned) or [E_local, ...] (returned as is).
 
         Raises:
             MoEConfigError: any other leading size.
         """
         have = self.num_local_experts
-        if t.shape[0] == self.num_global_experts and have != t.shape[0]:
-            return t[self.global_offset : self.global_offset + have]
+        if t.shape[0] == self.num_global_experts and self.expert_index != list(range(t.shape[0])):
+            return t[self.expert_index]  # each slot's logical expert (a copy per replica; contiguous: a slice)
         if t.shape[0] != have:
             raise MoEConfigError(
                 f"{key}: the checkpoint holds {t.shape[0]} experts but the model was built "

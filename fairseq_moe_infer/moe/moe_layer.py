@@ -1,7 +1,9 @@
-"""The MoE layer: gate -> dispatcher (encode, all-to-all, experts, all-to-all, decode).
+"""The MoE layer: gate -> placement -> dispatcher (encode, all-to-all, experts, all-to-all, decode).
 
 It replaces a transformer FFN. Its parts are chosen independently:
-the gate (:class:`~fairseq_moe_infer.moe.gate.TopKGate`), the dispatcher
+the gate (:class:`~fairseq_moe_infer.moe.gate.TopKGate`), the expert placement
+(``--moe-placement``: :mod:`~fairseq_moe_infer.moe.placement`, logical expert -> physical
+slots; the identity by default), the dispatcher
 (``--moe-gating``: :mod:`~fairseq_moe_infer.moe.dispatch`) and the experts
 (:class:`~fairseq_moe_infer.moe.experts.Experts`, sharded over the expert-parallel
 group). None of them knows another's policy.
@@ -10,12 +12,14 @@ group). None of them knows another's policy.
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from .comm import expert_parallel_group
 from .dispatch import Dispatcher, DispatchStats, build_dispatcher
 from .experts import Experts
 from .gate import MoEConfigError, TopKGate
+from .placement import LayerPlacement, identity_placement
 
 
 class MoELayer(nn.Module):
@@ -37,16 +41,21 @@ class MoELayer(nn.Module):
             default ``--use-moe-pad-mask`` off: padding takes capacity slots and its first
             choices count in the balancing loss; its outputs are not zeroed). Default False:
             padding is routed nowhere and its output is zero (``--use-moe-pad-mask``).
+        placement: logical expert -> physical slots (:class:`LayerPlacement` for this
+            world size); None = contiguous shards. See also :meth:`set_placement`.
 
     Raises:
-        MoEConfigError: bad gate options, or the expert-parallel world size
-            does not divide E.
+        MoEConfigError: bad gate options, the expert-parallel world size
+            does not divide E (without a placement), or a placement for another
+            world size or expert count.
 
     Attributes after each forward:
         l_aux: the balancing loss (scalar tensor).
         last_stats: :class:`~fairseq_moe_infer.moe.dispatch.DispatchStats`.
     Totals over evaluation-mode forwards (on the device, read with
-    :meth:`eval_totals`): tokens, routed choices, dropped choices, per-expert counts.
+    :meth:`eval_totals`): tokens, routed choices, dropped choices, per-expert counts;
+    and per forward, the tokens this rank sent to each expert-parallel rank
+    (:meth:`eval_rank_loads`).
     """
 
     def __init__(
@@ -64,22 +73,21 @@ class MoELayer(nn.Module):
         capacity_factor: float = 1.0,
         eval_capacity_token_fraction: float = 0.25,
         route_padding: bool = False,
+        placement: LayerPlacement = None,
     ):
         super().__init__()
         group, world, rank = expert_parallel_group()
-        if num_experts % world != 0:
+        if placement is None and num_experts % world != 0:
             sizes = ", ".join(str(w) for w in range(1, num_experts + 1) if num_experts % w == 0)
             raise MoEConfigError(
                 f"expert parallelism needs the world size ({world}) to divide the {num_experts} experts "
                 f"(--moe-expert-count); run on {sizes} ranks, or train with an expert count divisible by {world}"
             )
         self.gate = TopKGate(model_dim, num_experts, k, use_fp32_gate, second_expert_policy, normalize_before_dropping)
-        e_local = num_experts // world
-        self.experts = Experts(
-            model_dim, ffn_dim, e_local, activation_fn, activation_dropout, num_experts, rank * e_local
-        )
-        self.group = group
+        self.group, self.rank = group, rank
         self.num_experts = num_experts
+        self._expert_args = (model_dim, ffn_dim, activation_fn, activation_dropout)
+        self.set_placement(placement or identity_placement(num_experts, world))
         self.capacity_factor = capacity_factor
         self.route_padding = route_padding
         self.dispatcher: Dispatcher = build_dispatcher(gating, capacity_factor, eval_capacity_token_fraction)
@@ -87,6 +95,33 @@ class MoELayer(nn.Module):
         self.last_stats: Optional[DispatchStats] = None
         self.register_buffer("_eval_counts", torch.zeros(num_experts, dtype=torch.long), persistent=False)
         self.register_buffer("_eval_scalars", torch.zeros(3, dtype=torch.long), persistent=False)
+        self._eval_rank_loads = []
+
+    def set_placement(self, placement: LayerPlacement) -> None:
+        """Use ``placement`` (logical expert -> physical slots) and rebuild this rank's experts
+        for its slots: freshly initialised (:meth:`Experts.reset_parameters`), so load the
+        checkpoint afterwards (the moe_* tasks set it in ``build_model``, before fairseq loads
+        the weights); each slot then loads its logical expert's weights.
+
+        Raises:
+            MoEConfigError: a placement for another expert count or world size.
+        """
+        world = 1 if self.group is None else dist.get_world_size(self.group)
+        if placement.num_experts != self.num_experts or placement.world_size != world:
+            raise MoEConfigError(
+                f"placement for {placement.num_experts} experts on {placement.world_size} ranks, "
+                f"the layer has {self.num_experts} experts on {world}"
+            )
+        d, f, act, drop = self._expert_args
+        old = getattr(self, "experts", None)
+        device = old.fc1_weight.device if old is not None else None
+        dtype = old.fc1_weight.dtype if old is not None else None
+        local = placement.local_experts(self.rank)
+        self.experts = Experts(d, f, len(local), act, drop, self.num_experts, local[0], expert_index=local)
+        if old is not None:
+            self.experts.to(device=device, dtype=dtype)
+            placement = placement.to(device)
+        self.placement = placement
 
     def forward(self, x: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
         """Apply the layer.
@@ -105,12 +140,15 @@ class MoELayer(nn.Module):
         tokens = x.reshape(-1, shape[-1])
         mask = None if padding_mask is None else padding_mask.reshape(-1)
         routing = self.gate(tokens, None if self.route_padding else mask)
-        y, stats = self.dispatcher(tokens, routing, self.experts, self.group, self.training)
+        y, stats = self.dispatcher(tokens, self.placement.route(routing), self.experts, self.group, self.training)
+        slot_counts = stats.expert_counts
+        stats.expert_counts = self.placement.logical_counts(slot_counts)
         self.l_aux, self.last_stats = routing.l_aux, stats
         if not self.training:
             n = torch.full((), tokens.shape[0], device=x.device) if mask is None else (~mask).sum()
             self._eval_counts += stats.expert_counts
             self._eval_scalars += torch.stack([n, stats.routed, stats.dropped])  # no host sync (CUDA-graph safe)
+            self._eval_rank_loads.append(self.placement.rank_loads(slot_counts))
         return y.view(shape)
 
     def __getstate__(self):
@@ -120,6 +158,7 @@ class MoELayer(nn.Module):
         state = dict(self.__dict__)
         state["group"], state["_expert_parallel"] = None, self.group is not None
         state["l_aux"] = state["last_stats"] = None
+        state["_eval_rank_loads"] = []
         return state
 
     def __setstate__(self, state):
@@ -140,17 +179,30 @@ class MoELayer(nn.Module):
         """Zero the evaluation counters."""
         self._eval_counts.zero_()
         self._eval_scalars.zero_()
+        self._eval_rank_loads = []
 
     def eval_counters(self) -> tuple:
         """A copy of the evaluation counters (device tensors: [E] int64 tokens per expert and
-        [3] int64 tokens / routed / dropped), for :meth:`restore_eval_counters`."""
-        return self._eval_counts.clone(), self._eval_scalars.clone()
+        [3] int64 tokens / routed / dropped; and the number of forwards with rank loads),
+        for :meth:`restore_eval_counters`."""
+        return self._eval_counts.clone(), self._eval_scalars.clone(), len(self._eval_rank_loads)
 
     def restore_eval_counters(self, saved: tuple) -> None:
         """Put back counters taken by :meth:`eval_counters` (e.g. around a dummy forward that
-        must not be reported)."""
+        must not be reported). Forwards since then keep their place in :meth:`eval_rank_loads`
+        (other ranks ran a real forward at the same time) with zero loads."""
         self._eval_counts.copy_(saved[0])
         self._eval_scalars.copy_(saved[1])
+        for i in range(saved[2], len(self._eval_rank_loads)):
+            self._eval_rank_loads[i] = torch.zeros_like(self._eval_rank_loads[i])
+
+    def eval_rank_loads(self) -> torch.Tensor:
+        """[forwards, W] int64 (device): kept top-k choices this rank sent to each
+        expert-parallel rank's slots, per evaluation forward since the last reset
+        (summed over the ranks, the tokens each GPU's experts processed in that step)."""
+        if not self._eval_rank_loads:
+            return torch.zeros(0, self.placement.world_size, dtype=torch.long, device=self._eval_counts.device)
+        return torch.stack(self._eval_rank_loads)
 
     def eval_expert_counts(self) -> torch.Tensor:
         """[E] int64 device tensor: tokens routed to each expert over the evaluation forwards
@@ -169,7 +221,8 @@ class MoELayer(nn.Module):
         return {"tokens": tokens, "routed": routed, "dropped": dropped, "expert_counts": self._eval_counts.tolist()}
 
     def extra_repr(self) -> str:
-        return f"num_experts={self.num_experts}, gating={self.dispatcher.name}, route_padding={self.route_padding}"
+        return (f"num_experts={self.num_experts}, gating={self.dispatcher.name}, route_padding={self.route_padding}, "
+                f"slots={self.placement.num_slots}")
 
 
 def moe_layers(model: nn.Module, named: bool = False):

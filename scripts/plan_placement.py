@@ -1,0 +1,64 @@
+"""Plan an expert placement (``--moe-placement``) from routing traces.
+
+Reads traces recorded with ``--moe-record-trace``, places every MoE layer's experts on G GPUs
+with S slots each by one policy of :mod:`fairseq_moe_infer.placement_planner` (contiguous,
+greedy, anti_correlation, replicate), writes the placement JSON and prints the simulated
+per-batch max/mean GPU load on the planning traces and on held-out traces.
+
+    python scripts/plan_placement.py --trace mt_en-de.npz --heldout mt_en-fr.npz \\
+        --gpus 2 --slots 9 --policy replicate --out placement.json
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from fairseq_moe_infer import placement_planner as pp  # noqa: E402
+from fairseq_moe_infer.trace import TraceError  # noqa: E402
+
+
+def _show(label: str, placement, counts) -> None:
+    r = pp.placement_ratios(placement, counts)
+    stacks = "  ".join(f"{k} {v['step_max_over_mean']:.3f} (worst layer {v['worst_layer']:.3f})"
+                       for k, v in r.items() if k != "layers")
+    print(f"{label}: per-batch max/mean GPU load {stacks}")
+    for name, v in r["layers"].items():
+        print(f"  {name}: {v['step_max_over_mean']:.3f} over {v['batches']} batches "
+              f"(worst batch {v['worst_batch_max_over_mean']:.3f}, run totals {v['run_max_over_mean']:.3f})")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--trace", nargs="+", required=True, help="routing traces to plan on (.npz)")
+    p.add_argument("--heldout", nargs="*", default=[], help="routing traces to evaluate the placement on")
+    p.add_argument("--gpus", type=int, required=True, help="expert-parallel world size G")
+    p.add_argument("--slots", type=int, default=None, help="expert slots per GPU S (default E / G; more = replicas)")
+    p.add_argument("--policy", default="greedy", choices=list(pp.POLICIES))
+    p.add_argument("--out", default=None, help="placement JSON to write (for --moe-placement)")
+    a = p.parse_args(argv)
+    try:
+        counts = pp.trace_layer_counts(a.trace)
+        heldout = pp.trace_layer_counts(a.heldout) if a.heldout else None
+    except TraceError as e:
+        raise SystemExit(f"plan_placement.py: error: {e}")
+    e = next(iter(counts.values())).shape[1]
+    slots = a.slots or -(-e // a.gpus)
+    if heldout is not None and sorted(heldout) != sorted(counts):
+        raise SystemExit("plan_placement.py: error: the held-out traces are of another model (other MoE layers)")
+    try:
+        placement = pp.plan_placement(a.policy, counts, a.gpus, slots, traces=[os.path.basename(t) for t in a.trace])
+    except ValueError as err:
+        raise SystemExit(f"plan_placement.py: error: {err}")
+    print(f"{a.policy}: {len(counts)} MoE layers, E={e}, G={a.gpus}, S={slots}")
+    _show("planned-on traces", placement, counts)
+    if heldout is not None:
+        _show("held-out traces", placement, heldout)
+    if a.out:
+        placement.save(a.out)
+        print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
