@@ -32,6 +32,10 @@ from . import expert_parallel_eval  # noqa: E402
 
 expert_parallel_eval.install_eval_lm_hook()
 
+from . import expert_parallel_generate  # noqa: E402
+
+expert_parallel_generate.install_generate_hooks()
+
 from . import criterions, models, tasks  # noqa: E402,F401 (fairseq registrations)
 
 

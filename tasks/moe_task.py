@@ -1,5 +1,6 @@
 """What both ``moe_*`` tasks add to their fairseq base task (a mixin, listed first)."""
 
+from .. import expert_parallel_generate as ep_generate
 from ..inference import configure_moe
 from ..training import check_expert_grads_finite, check_training_setup, prepare_expert_parallel_training
 
@@ -15,7 +16,18 @@ class MoETaskMixin:
         model = super().build_model(cfg, from_checkpoint)
         configure_moe(model, self.cfg if getattr(self, "cfg", None) is not None else self.args)
         prepare_expert_parallel_training(model)
+        ep_generate.note_built_model(model)
         return model
+
+    def inference_step(self, generator, models, sample, **kwargs):
+        # beam searches end after different step counts on different ranks: keep the ranks'
+        # MoE collectives in step (fairseq_moe_infer/expert_parallel_generate.py)
+        lockstep = ep_generate.lockstep_for(models)
+        if lockstep is None:
+            return super().inference_step(generator, models, sample, **kwargs)
+        ep_generate.note_batch(models, sample)
+        with lockstep:
+            return super().inference_step(generator, models, sample, **kwargs)
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
         if not getattr(self, "_moe_setup_checked", False):
