@@ -5,6 +5,7 @@ They are task options, not model options, so that ``fairseq-generate`` /
 :func:`configure_moe` on every model it builds.
 """
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -18,7 +19,7 @@ from .report import MoERunReport
 
 @dataclass
 class MoEInferenceConfig(FairseqDataclass):
-    """``--moe-gating``, ``--moe-eval-capacity-token-fraction``, ``--moe-stats-json``."""
+    """``--moe-gating``, ``--moe-eval-capacity-token-fraction``, ``--moe-stats-json``, ``--moe-collective-timeout``."""
 
     moe_gating: str = field(
         default="static",
@@ -37,6 +38,13 @@ class MoEInferenceConfig(FairseqDataclass):
     moe_stats_json: Optional[str] = field(
         default=None, metadata={"help": "write the end-of-run MoE summary (tokens/s, drops, tokens per expert) here"}
     )
+    moe_collective_timeout: float = field(
+        default=0.0,
+        metadata={
+            "help": "expert parallelism: seconds a collective may wait for the other ranks before every rank exits "
+            "with one line naming the rank that stopped (0 = torch's process-group default: 30 min gloo, 10 min NCCL)"
+        },
+    )
 
 
 def validate_inference_options(cfg) -> None:
@@ -49,6 +57,9 @@ def validate_inference_options(cfg) -> None:
             f"--moe-eval-capacity-token-fraction must be >= 0, got {cfg.moe_eval_capacity_token_fraction} "
             "(0 = training capacity factor; use --moe-gating dynamic to drop nothing)"
         )
+    timeout = getattr(cfg, "moe_collective_timeout", 0.0)
+    if problem is None and not (math.isfinite(timeout) and timeout >= 0):
+        problem = f"--moe-collective-timeout must be a finite number of seconds >= 0 (0 = torch's default), got {timeout}"
     if problem:
         exit_with_error(problem)
 

@@ -1,6 +1,7 @@
 """What both ``moe_*`` tasks add to their fairseq base task (a mixin, listed first)."""
 
 from .. import expert_parallel_generate as ep_generate
+from ..bounded_waits import bound_collective_waits
 from ..inference import configure_moe
 from ..training import check_expert_grads_finite, check_training_setup, prepare_expert_parallel_training
 
@@ -14,7 +15,9 @@ class MoETaskMixin:
 
     def build_model(self, cfg, from_checkpoint=False):
         model = super().build_model(cfg, from_checkpoint)
-        configure_moe(model, self.cfg if getattr(self, "cfg", None) is not None else self.args)
+        task_cfg = self.cfg if getattr(self, "cfg", None) is not None else self.args
+        bound_collective_waits(getattr(task_cfg, "moe_collective_timeout", 0.0))  # before any MoE collective
+        configure_moe(model, task_cfg)
         prepare_expert_parallel_training(model)
         ep_generate.note_built_model(model)
         return model

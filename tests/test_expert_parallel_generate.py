@@ -13,8 +13,11 @@ import json
 import math
 import os
 import re
+import signal
 import socket
 import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -255,3 +258,88 @@ def test_lockstep_serves_a_busy_rank_without_changing_its_capacity_or_output(tmp
     for step in torch.tensor(ys):
         torch.testing.assert_close(step, y, rtol=1e-5, atol=1e-6)
 
+
+
+# ----------------------------------------------------------------------------- bounded waits
+
+@pytest.mark.parametrize("how", [signal.SIGSTOP, signal.SIGKILL], ids=["stopped", "killed"])
+def test_a_lost_rank_makes_the_other_exit_with_one_line(seven, how):
+    """--moe-collective-timeout 6: rank 1 is stopped (or killed) once the model is built; rank 0 must leave its
+    collective within the timeout plus the heartbeat check, with one line naming rank 1, exit status 1."""
+    args = _generate_args(seven, ["--batch-size", "1", "--moe-gating", "dynamic", "--moe-collective-timeout", "6"])
+    port = _port()
+    procs = [subprocess.Popen(tool("generate") + args + [
+        "--distributed-world-size", "2", "--distributed-rank", str(r), "--distributed-init-method",
+        f"tcp://127.0.0.1:{port}", "--distributed-no-spawn", "--distributed-backend", "gloo", "--device-id", "0"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    try:
+        for line in procs[0].stderr:  # rank 0 logs this once the model (and the timeout) is set up
+            if "expert parallelism over 2 ranks" in line:
+                break
+        time.sleep(1.0)
+        os.kill(procs[1].pid, how)
+        start = time.time()
+        err = procs[0].communicate(timeout=60)[1]
+        elapsed = time.time() - start
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert procs[0].returncode == 1
+    last = err.strip().splitlines()[-1]
+    assert re.search(r"error: expert-parallel rank 0 of 2: rank 1 stopped taking part", last), err[-2000:]
+    assert "Traceback" not in err
+    assert elapsed < 6 + 2 * 4 + 10
+
+
+# ----------------------------------------------------------------------------- validation with beam search
+
+@pytest.mark.slow
+def test_train_eval_bleu_with_sharded_experts_finishes():
+    """fairseq-train --eval-bleu on 2 ranks: validation runs a beam search per batch (max length = source length
+    + 1, so batches of different source lengths end at different steps); this hung on both ranks before the
+    lockstep. It must finish and log the whole set's BLEU."""
+    from .helpers import TINY_MT
+
+    small = ["--encoder-layers", "2", "--decoder-layers", "2", "--encoder-embed-dim", "64", "--encoder-ffn-embed-dim",
+             "128", "--encoder-attention-heads", "2", "--decoder-embed-dim", "64", "--decoder-ffn-embed-dim", "128",
+             "--decoder-attention-heads", "2", "--moe-expert-count", "4", "--moe-expert-ffn-dim", "64"]
+    args = [TINY_MT, "--task", "moe_translation", "--arch", "transformer_moe_small", "--source-lang", "src",
+            "--target-lang", "tgt", "--criterion", "moe_label_smoothed_cross_entropy", "--max-tokens", "1024",
+            "--max-update", "1", "--user-dir", USER_DIR, "--optimizer", "adam", "--lr", "3e-3", "--log-format", "simple",
+            "--num-workers", "0", "--seed", "3", "--moe-gating", "dynamic", "--cpu", "--no-save", "--eval-bleu",
+            "--eval-bleu-args", '{"beam": 2, "max_len_a": 1, "max_len_b": 1}', "--batch-size-valid", "40",
+            "--required-batch-size-multiple", "1", "--ddp-backend", "legacy_ddp", "--moe-collective-timeout", "120",
+            "--validate-interval", "1"] + small
+    outs = _ranks("train", args, 2, timeout=600)
+    assert re.search(r"valid on 'valid' subset .*\| bleu [0-9.]+ ", outs[0]), outs[0][-2000:]
+
+
+# ----------------------------------------------------------------------------- fairseq's own launcher
+
+_SPAWN = ("import runpy, sys, torch; torch.cuda.device_count = lambda: 2; sys.argv[0] = 'fairseq-{0}'; "
+          "runpy.run_module('fairseq_cli.{0}', run_name='__main__', alter_sys=True)")
+
+
+def _spawned(name, args, stdin=None):
+    """``python -m fairseq_cli.<name> --distributed-world-size 2`` without ranks given: fairseq spawns the
+    workers itself (the parent claims two GPUs so that it does; the workers run on the CPU with gloo)."""
+    proc = subprocess.run([sys.executable, "-c", _SPAWN.format(name)] + args + [
+        "--distributed-world-size", "2", "--distributed-backend", "gloo"], input=stdin, capture_output=True,
+        text=True, timeout=600)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, text[-3000:]
+    return text
+
+
+@pytest.mark.slow
+def test_generate_and_interactive_under_fairseqs_launcher(seven):
+    """The workers fairseq spawns must find the plugin's worker (pickled by name), and interactive's rank 0,
+    whose stdin multiprocessing replaced by /dev/null, must read its launcher's stdin."""
+    extra = ["--batch-size", "3", "--moe-gating", "dynamic"]
+    _assert_same_output(_one("generate", _generate_args(seven, extra)), _spawned("generate", _generate_args(seven, extra)))
+    args = [MT, "--user-dir", USER_DIR, "--task", "moe_translation", "--path", CKPT, "--source-lang", "src",
+            "--target-lang", "tgt", "--bpe", "sentencepiece", "--sentencepiece-model", os.path.join(MT, "spm.model"),
+            "--beam", "2", "--moe-gating", "dynamic", "--cpu", "--buffer-size", "2", "--batch-size", "2"]
+    lines = _assert_same_output(_one("interactive", args, stdin=INPUT), _spawned("interactive", args, stdin=INPUT))
+    assert [sid for kind, sid, _ in lines if kind == "H"] == ["0", "1", "2"]
