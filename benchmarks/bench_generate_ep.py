@@ -93,8 +93,7 @@ def run_generate(data: str, ckpt: str, world: int, batch: int, gating: str, out_
            "--fp16", "--beam", str(s["beam"]), "--max-len-a", "0", "--max-len-b", str(s["out_len"]),
            "--min-len", str(s["out_len"]), "--batch-size", str(batch), "--required-batch-size-multiple", "1",
            "--moe-gating", gating, "--moe-stats-json", stats, "--quiet", "--num-workers", "0"]
-    if world > 1:
-        cmd += ["--distributed-world-size", str(world)]
+    cmd += ["--distributed-world-size", str(world)]  # fairseq's default is every visible GPU
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     t0 = time.time()
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)

@@ -62,7 +62,12 @@ def stopped_rank(wait_s: float = 2 * STALE_S) -> Optional[str]:
         while True:
             now = time.time()
             for r in range(world):
-                if r != rank and now - float(store.get(_KEY.format(r)).decode()) > STALE_S:
+                key = _KEY.format(r)
+                if r == rank:
+                    continue
+                if not store.check([key]):  # never beat: it stopped before it built its model
+                    return f"rank {r}"
+                if now - float(store.get(key).decode()) > STALE_S:
                     return f"rank {r}"
             if time.time() > deadline:
                 return None
