@@ -91,7 +91,7 @@ class MoELockstep:
 
     def _announce(self, index: int):
         def hook(module, args):
-            dist.all_reduce(torch.tensor([index, -index, 1], dtype=torch.long, device=args[0].device),
+            dist.all_reduce(torch.tensor([index, -index, 1], dtype=torch.long, device=module.gate.wg.weight.device),
                             op=dist.ReduceOp.MAX, group=self.group)  # no host sync on working ranks
         return hook
 
