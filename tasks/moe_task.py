@@ -11,7 +11,11 @@ class MoETaskMixin:
     expert-parallel training when the experts are sharded over several ranks
     (:mod:`fairseq_moe_infer.training`), and checks fairseq's training setup once
     at the first training step; before each optimizer step all ranks agree on whether
-    any expert gradient overflowed."""
+    any expert gradient overflowed. With sharded experts, ``inference_step`` (generate,
+    interactive, ``--eval-bleu`` validation) runs in a
+    :class:`~fairseq_moe_infer.expert_parallel_generate.MoELockstep`, and
+    ``--moe-collective-timeout`` bounds every collective wait
+    (:mod:`fairseq_moe_infer.bounded_waits`)."""
 
     def build_model(self, cfg, from_checkpoint=False):
         model = super().build_model(cfg, from_checkpoint)
