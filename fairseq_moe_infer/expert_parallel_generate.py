@@ -327,7 +327,7 @@ def generate_main(cfg):
     if isinstance(cfg, Namespace):
         cfg = convert_namespace_to_omegaconf(cfg)
     if cfg.distributed_training.distributed_world_size <= 1 or not _is_moe_task(cfg):
-        return _ORIGINAL["generate"](cfg)
+        return _original("generate")(cfg)
     assert cfg.common_eval.path is not None, "--path required for generation!"
     distributed_utils.call_main(cfg, _generate_worker)
 
@@ -361,7 +361,7 @@ def interactive_main(cfg, **kwargs):
     """``fairseq_cli.interactive.main`` (run by fairseq's ``call_main`` on every rank): when the
     process group spans several ranks and the task is ``moe_*``, rank 0's input is broadcast,
     only rank 0 prints, and the ranks serve each other until all are done."""
-    original = _ORIGINAL["interactive"]
+    original = _original("interactive")
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1) or not _is_moe_task(cfg):
         return original(cfg, **kwargs)
     g = original.__globals__
@@ -384,9 +384,9 @@ _ORIGINAL: dict = {}
 
 
 def _tool_modules(name: str):
-    import importlib
-
-    mods = [importlib.import_module(f"fairseq_cli.{name}")]
+    """The loaded copies of ``fairseq_cli.<name>``: the module and a ``__main__`` / ``__mp_main__`` run of it.
+    (Not imported here: importing ``fairseq_cli.interactive`` configures logging for the whole process.)"""
+    mods = [sys.modules[f"fairseq_cli.{name}"]] if f"fairseq_cli.{name}" in sys.modules else []
     for key in ("__main__", "__mp_main__"):
         main = sys.modules.get(key)
         if main is not None and (getattr(main, "__file__", "") or "").endswith(os.path.join("fairseq_cli", f"{name}.py")):
@@ -394,17 +394,22 @@ def _tool_modules(name: str):
     return mods
 
 
+def _original(name: str):
+    """fairseq's own ``fairseq_cli.<name>.main``."""
+    if name not in _ORIGINAL:
+        import importlib
+
+        _ORIGINAL[name] = importlib.import_module(f"fairseq_cli.{name}").main
+    return _ORIGINAL[name]
+
+
 def install_generate_hooks() -> None:
     """Replace ``main`` of ``fairseq_cli.generate`` and ``fairseq_cli.interactive`` (and of their
-    ``__main__`` copies) by :func:`generate_main` / :func:`interactive_main` (once; they call the
-    originals for anything but an expert-parallel ``moe_*`` run)."""
+    ``__main__`` copies) by :func:`generate_main` / :func:`interactive_main`, where the tool is
+    running (once; they call the originals for anything but an expert-parallel ``moe_*`` run)."""
     for name, wrapper in (("generate", generate_main), ("interactive", interactive_main)):
-        try:
-            mods = _tool_modules(name)
-        except ImportError:  # pragma: no cover - fairseq without its CLI
-            continue
-        for mod in mods:
-            if mod.main is wrapper:
+        for mod in _tool_modules(name):
+            if getattr(mod, "main", wrapper) is wrapper:
                 continue
             _ORIGINAL.setdefault(name, mod.main)
             mod.main = wrapper
