@@ -26,6 +26,10 @@ from . import fairseq_patches  # noqa: E402
 
 fairseq_patches.install_all()  # every wrapped fairseq function is listed there, with why
 
+from . import expert_parallel_generate  # noqa: E402
+
+expert_parallel_generate.install_generate_hooks()
+
 from . import criterions, models, tasks  # noqa: E402,F401 (fairseq registrations)
 
 

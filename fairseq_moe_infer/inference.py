@@ -39,7 +39,7 @@ def check_writable_path(path: Optional[str]) -> Optional[str]:
 @dataclass
 class MoEInferenceConfig(FairseqDataclass):
     """``--moe-gating``, ``--moe-eval-capacity-token-fraction``, ``--moe-stats-json``, ``--moe-record-trace``,
-    ``--moe-placement``."""
+    ``--moe-expert-buffer-size`` & co., ``--moe-placement``, ``--moe-collective-timeout``."""
 
     moe_gating: str = field(
         default="static",
@@ -90,6 +90,13 @@ class MoEInferenceConfig(FairseqDataclass):
             "shards (rank r holds experts [r*E/W, (r+1)*E/W))"
         },
     )
+    moe_collective_timeout: float = field(
+        default=0.0,
+        metadata={
+            "help": "expert parallelism: seconds a collective may wait for the other ranks before every rank exits "
+            "with one line naming the rank that stopped (0 = torch's process-group default: 30 min gloo, 10 min NCCL)"
+        },
+    )
 
 
 def validate_inference_options(cfg) -> None:
@@ -101,6 +108,7 @@ def validate_inference_options(cfg) -> None:
             moe_eval_capacity_token_fraction=cfg.moe_eval_capacity_token_fraction,
             moe_expert_buffer_size=getattr(cfg, "moe_expert_buffer_size", None),
             moe_buffer_policy=getattr(cfg, "moe_buffer_policy", None),
+            moe_collective_timeout=getattr(cfg, "moe_collective_timeout", None),
         )
     except MoEConfigError as e:
         exit_with_error(str(e))

@@ -3,6 +3,8 @@
 import glob
 import os
 
+from .. import expert_parallel_generate as ep_generate
+from ..bounded_waits import bound_collective_waits
 from ..cli import exit_with_error
 from ..inference import configure_moe
 from ..models.validation import cli_errors
@@ -14,7 +16,11 @@ class MoETaskMixin:
     expert-parallel training when the experts are sharded over several ranks
     (:mod:`fairseq_moe_infer.training`), and checks fairseq's training setup once
     at the first training step; before each optimizer step all ranks agree on whether
-    any expert gradient overflowed."""
+    any expert gradient overflowed. With sharded experts, ``inference_step`` (generate,
+    interactive, ``--eval-bleu`` validation) runs in a
+    :class:`~fairseq_moe_infer.expert_parallel_generate.MoELockstep`, and
+    ``--moe-collective-timeout`` bounds every collective wait
+    (:mod:`fairseq_moe_infer.bounded_waits`)."""
 
     def load_dataset(self, split, *args, **kwargs):
         """fairseq's loading; an empty split ends the tool with one line (fairseq failed in mmap with
@@ -33,10 +39,23 @@ class MoETaskMixin:
 
     def build_model(self, cfg, from_checkpoint=False):
         model = super().build_model(cfg, from_checkpoint)
+        task_cfg = self.cfg if getattr(self, "cfg", None) is not None else self.args
+        bound_collective_waits(getattr(task_cfg, "moe_collective_timeout", 0.0))  # before any MoE collective
         with cli_errors():  # a bad --moe-* value for this model (e.g. buffer size, trace): one line
-            configure_moe(model, self.cfg if getattr(self, "cfg", None) is not None else self.args)
+            configure_moe(model, task_cfg)
         prepare_expert_parallel_training(model)
+        ep_generate.note_built_model(model)
         return model
+
+    def inference_step(self, generator, models, sample, **kwargs):
+        # beam searches end after different step counts on different ranks: keep the ranks'
+        # MoE collectives in step (fairseq_moe_infer/expert_parallel_generate.py)
+        lockstep = ep_generate.lockstep_for(models)
+        if lockstep is None:
+            return super().inference_step(generator, models, sample, **kwargs)
+        ep_generate.note_batch(models, sample)
+        with lockstep:
+            return super().inference_step(generator, models, sample, **kwargs)
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
         if not getattr(self, "_moe_setup_checked", False):

@@ -32,6 +32,7 @@ NUMERIC_RULES = {
     "moe_freq": (0, 1 << 20, True, int, "0 = dense"),
     "moe_expert_ffn_dim": (0, 1 << 24, True, int, "0 = the FFN width"),
     "moe_expert_buffer_size": (0, 1 << 20, True, int, "GPU slots per MoE layer; 0 = all experts resident"),
+    "moe_collective_timeout": (0.0, 1e7, True, float, "seconds; 0 = torch's process-group default"),
 }
 
 

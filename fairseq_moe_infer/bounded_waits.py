@@ -1,0 +1,124 @@
+"""Bounded waits for expert-parallel runs (``--moe-collective-timeout SECONDS``).
+
+Every MoE layer forward is a collective, so a rank that stops (SIGSTOP, a hung device) or dies
+would leave the others waiting: on gloo up to torch's 30-minute default, silently.
+:func:`bound_collective_waits` (called by the ``moe_*`` tasks when they build a model, on
+every rank of ``fairseq-train`` / ``fairseq-eval-lm`` / ``fairseq-generate`` /
+``fairseq-interactive``):
+
+* sets the default process group's timeout to the given seconds (gloo and NCCL honour it;
+  on NCCL the wait raises only with ``TORCH_NCCL_BLOCKING_WAIT=1``, otherwise torch's
+  watchdog aborts the process after the timeout);
+* starts a daemon thread that writes a heartbeat (the time) for this rank into the
+  process group's rendezvous store once a second;
+* installs a ``sys.excepthook`` that turns a failed collective (``torch.distributed``'s
+  ``DistError`` / gloo's "Connection closed by peer" / a timeout) into ONE line naming the
+  rank that stopped (the one whose heartbeat is older than a few seconds; rank 0 when the
+  store it hosts does not answer), and exits with status 1.
+"""
+
+import datetime
+import logging
+import os
+import sys
+import threading
+import time
+from typing import Optional
+
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+HEARTBEAT_S = 1.0
+STALE_S = 4.0
+_KEY = "moe_heartbeat/{}"
+_state = {"installed": False, "timeout": None}
+
+
+def _store():
+    from torch.distributed import distributed_c10d
+
+    return distributed_c10d._get_default_store()
+
+
+def _beat(store, rank: int) -> None:
+    while True:
+        try:
+            store.set(_KEY.format(rank), repr(time.time()))
+        except Exception:  # the store's host is gone: nothing left to report to
+            return
+        time.sleep(HEARTBEAT_S)
+
+
+def stopped_rank(wait_s: float = 2 * STALE_S) -> Optional[str]:
+    """The rank that stopped answering, as text (``"rank 1"``), found from the heartbeats;
+    waits up to ``wait_s`` for a heartbeat to go stale (a rank killed a moment ago). None
+    if every rank still beats."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    try:
+        store = _store()
+        store.set_timeout(datetime.timedelta(seconds=STALE_S))
+        deadline = time.time() + wait_s
+        while True:
+            now = time.time()
+            for r in range(world):
+                key = _KEY.format(r)
+                if r == rank:
+                    continue
+                if not store.check([key]):  # never beat: it stopped before it built its model
+                    return f"rank {r}"
+                if now - float(store.get(key).decode()) > STALE_S:
+                    return f"rank {r}"
+            if time.time() > deadline:
+                return None
+            time.sleep(HEARTBEAT_S / 2)
+    except Exception:
+        return "rank 0 (its rendezvous store does not answer)"
+
+
+def _is_collective_failure(exc: BaseException) -> bool:
+    names = {c.__name__ for c in type(exc).__mro__}
+    text = str(exc)
+    return bool(names & {"DistError", "DistBackendError", "DistNetworkError"}) or (
+        isinstance(exc, RuntimeError) and any(s in text for s in ("gloo", "Connection closed by peer", "Timed out", "NCCL")))
+
+
+def _excepthook(previous):
+    def hook(exc_type, exc, tb):
+        if not _is_collective_failure(exc) or not dist.is_initialized():
+            return previous(exc_type, exc, tb)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        who = stopped_rank() or "another rank"
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else exc_type.__name__
+        prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "fairseq"
+        sys.stdout.flush()
+        sys.stderr.write(f"{prog}: error: expert-parallel rank {rank} of {world}: {who} stopped taking part in the "
+                         f"collectives (timeout {_state['timeout']}); exiting ({first})\n")
+        sys.stderr.flush()
+        os._exit(1)  # the process group's threads may wait on the lost rank at interpreter exit
+
+    return hook
+
+
+def bound_collective_waits(timeout_s: float) -> None:
+    """Apply ``--moe-collective-timeout`` on this rank (see the module docstring); no-op without a
+    process group of several ranks. ``timeout_s`` 0 keeps torch's default timeout (30 min gloo,
+    10 min NCCL) but still reports a lost rank in one line.
+
+    Raises:
+        ValueError: ``timeout_s`` negative or not finite (the task validates it before).
+    """
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    if timeout_s > 0:
+        from torch.distributed import distributed_c10d
+
+        distributed_c10d._set_pg_timeout(datetime.timedelta(seconds=timeout_s), None)
+        _state["timeout"] = f"{timeout_s:g} s"
+    elif _state["timeout"] is None:
+        _state["timeout"] = "torch's default"
+    if _state["installed"]:
+        return
+    _state["installed"] = True
+    threading.Thread(target=_beat, args=(_store(), dist.get_rank()), daemon=True, name="moe-heartbeat").start()
+    sys.excepthook = _excepthook(sys.excepthook)
