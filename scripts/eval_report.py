@@ -83,8 +83,10 @@ def markdown(results: dict, command: str, heatmap: Optional[str]) -> str:
         for name, r in mt.items():
             lines.append(f"| {name} | **{r['bleu']:.2f}** | {r.get('chrf', float('nan')):.2f} | {r['sentences']:,} | "
                          f"{_moe_cells(r)}{r['seconds']} |")
-        signatures = sorted({r[k] for r in mt.values() for k in ("signature", "chrf_signature") if k in r})
-        lines += [""] + [f"Signature: `{s}`" for s in signatures] + [""]
+        for key, metric in (("signature", "BLEU"), ("chrf_signature", "chrF")):
+            signatures = sorted({r[key] for r in mt.values() if key in r})
+            lines += [""] + [f"{metric} signature: `{s}`" for s in signatures]
+        lines.append("")
     lm: Dict[str, dict] = results.get("language_model", {})
     if lm:
         lines += ["## Language model (fairseq-eval-lm)", "",
