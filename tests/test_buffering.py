@@ -236,6 +236,12 @@ def test_buffer_flags_exit_with_one_clear_line(tmp_path):
         assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
         last = [line for line in proc.stderr.strip().splitlines() if line.strip()][-1]
         assert message in last and last.startswith("fairseq-eval-lm: error:"), last
+    proc = run("train", [TINY_LM, "--user-dir", USER_DIR, "--task", "moe_language_modeling", "--arch",
+                         "transformer_lm_moe_small", "--criterion", "moe_cross_entropy", "--tokens-per-sample", "64",
+                         "--max-tokens", "1024", "--max-update", "1", "--optimizer", "adam", "--lr", "1e-3", "--cpu",
+                         "--save-dir", tmp_path / "train", "--moe-expert-buffer-size", "2"])
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "--moe-expert-buffer-size is for inference" in proc.stderr.strip().splitlines()[-1]
 
 
 def test_simulator_replays_traces_through_the_store_policies(tmp_path):
