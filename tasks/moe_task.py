@@ -8,6 +8,7 @@ from ..bounded_waits import bound_collective_waits
 from ..cli import exit_with_error
 from ..inference import configure_moe
 from ..models.validation import cli_errors
+from ..moe import moe_layers
 from ..training import check_expert_grads_finite, check_training_setup, prepare_expert_parallel_training
 
 
@@ -59,6 +60,9 @@ class MoETaskMixin:
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
         if not getattr(self, "_moe_setup_checked", False):
+            if any(m.experts.buffer is not None for m in moe_layers(model)):
+                exit_with_error("--moe-expert-buffer-size is for inference (fairseq-generate, fairseq-interactive, "
+                                "fairseq-eval-lm); drop it when training")
             check_training_setup(model, optimizer)
             self._moe_setup_checked = True
         return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)

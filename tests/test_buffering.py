@@ -17,7 +17,7 @@ from fairseq_moe_infer.inference import configure_buffering
 from fairseq_moe_infer.moe import MoEConfigError, MoELayer
 from fairseq_moe_infer.moe.buffered import ExpertBuffer
 from fairseq_moe_infer.moe.eviction import POLICIES, SlotCache, build_policy
-from fairseq_moe_infer.trace import RoutingTrace, read_trace, write_trace
+from fairseq_moe_infer.trace import RoutingTrace, TraceRecorder, read_trace, write_trace
 
 from .helpers import TINY_LM, TINY_MT, USER_DIR, ok, run
 from .test_expert_parallel import E, _free_port, _full_layer, _inputs
@@ -142,7 +142,7 @@ def test_buffer_option_errors():
 _EP_CASES = [("dynamic", 0.25), ("static", 1.0)]
 
 
-def _ep_worker(rank, world, port, full_state, results):
+def _ep_worker(rank, world, port, full_state, results, trace_path):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -151,6 +151,7 @@ def _ep_worker(rank, world, port, full_state, results):
             plain = MoELayer(16, 24, E, k=2, gating=gating, eval_capacity_token_fraction=fraction).double().eval()
             plain.load_state_dict(full_state)
             buffered = copy.deepcopy(plain)
+            recorder = TraceRecorder(plain, trace_path) if gating == "dynamic" else None
             configure_buffering(buffered, 1, "lru")  # 1 slot for this rank's 4 experts: waves every call
             same = []
             with torch.no_grad():
@@ -158,15 +159,23 @@ def _ep_worker(rank, world, port, full_state, results):
                     x, pad = _inputs(rank + 10 * step, fraction)
                     same.append(torch.equal(plain(x, pad), buffered(x, pad)))
             results[(rank, gating)] = (same, buffered.experts.buffer.stats())
+            if recorder is not None:
+                recorder.finish()  # each rank its own file
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.slow
-def test_expert_parallel_each_rank_buffers_its_experts():
+def test_expert_parallel_each_rank_buffers_its_experts(tmp_path):
     results = mp.Manager().dict()
     full_state = _full_layer("dynamic", 0.25).state_dict()  # the weights do not depend on the gating
-    mp.spawn(_ep_worker, args=(2, _free_port(), full_state, results), nprocs=2, join=True)
+    path = str(tmp_path / "ep.npz")
+    mp.spawn(_ep_worker, args=(2, _free_port(), full_state, results, path), nprocs=2, join=True)
+    for rank, file in enumerate([path, path + ".rank1"]):  # rank r > 0 writes PATH.rank<r>
+        t = read_trace(file, num_experts=E)
+        assert (t.rank, t.world_size, t.num_calls) == (rank, 2, 3)
+        n, pad = _inputs(rank, 0.25)[0].shape[0], _inputs(rank, 0.25)[1]
+        assert t.call_tokens[0] == n - int(pad.sum())  # this rank's own non-padding tokens
     for rank, (gating, _) in itertools.product(range(2), _EP_CASES):
         same, stats = results[(rank, gating)]
         assert same == [True] * 3, gating
@@ -236,6 +245,12 @@ def test_buffer_flags_exit_with_one_clear_line(tmp_path):
         assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
         last = [line for line in proc.stderr.strip().splitlines() if line.strip()][-1]
         assert message in last and last.startswith("fairseq-eval-lm: error:"), last
+    proc = run("train", [TINY_LM, "--user-dir", USER_DIR, "--task", "moe_language_modeling", "--arch",
+                         "transformer_lm_moe_small", "--criterion", "moe_cross_entropy", "--tokens-per-sample", "64",
+                         "--max-tokens", "1024", "--max-update", "1", "--optimizer", "adam", "--lr", "1e-3", "--cpu",
+                         "--save-dir", tmp_path / "train", "--moe-expert-buffer-size", "2"])
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "--moe-expert-buffer-size is for inference" in proc.stderr.strip().splitlines()[-1]
 
 
 def test_simulator_replays_traces_through_the_store_policies(tmp_path):
