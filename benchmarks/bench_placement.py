@@ -76,7 +76,7 @@ def _time(fn, device, warmup: int, repeat: int) -> float:
             t0 = time.perf_counter()
             fn()
             t = time.perf_counter() - t0
-        t = torch.tensor([t], dtype=torch.float64)
+        t = torch.tensor([t], dtype=torch.float64, device="cuda" if torch.cuda.is_available() else "cpu")
         if dist.is_initialized():
             dist.all_reduce(t, op=dist.ReduceOp.MAX)  # the step ends when the slowest rank ends
         times.append(float(t))

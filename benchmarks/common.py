@@ -136,6 +136,7 @@ def reset_moe_counters(model) -> None:
 
     for m in moe_layers(model):
         m.reset_eval_totals()
+        m.placement.reset_buffers()  # index buffers of the placement map: to_empty left them uninitialised
 
 
 def moe_rows_per_gpu(model, world: int, calls: int = 1) -> dict:

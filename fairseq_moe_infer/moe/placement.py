@@ -185,15 +185,28 @@ class LayerPlacement(torch.nn.Module):
         r = max(len(s) for s in per_expert)
         self.is_identity = slots == list(range(num_experts))
         self.has_replicas = r > 1
-        self.register_buffer("slot_expert", torch.tensor(slots, dtype=torch.long), persistent=False)
-        self.register_buffer("replica_slots", torch.tensor([s + s[:1] * (r - len(s)) for s in per_expert]),
-                             persistent=False)
-        self.register_buffer("num_replicas", torch.tensor([len(s) for s in per_expert]), persistent=False)
+        self.slots = [int(e) for e in slots]  # host copy: the buffers may be on the meta device
+        self._per_expert, self._max_replicas = per_expert, r
+        self.register_buffer("slot_expert", torch.empty(0, dtype=torch.long), persistent=False)
+        self.register_buffer("replica_slots", torch.empty(0, dtype=torch.long), persistent=False)
+        self.register_buffer("num_replicas", torch.empty(0, dtype=torch.long), persistent=False)
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        """(Re)fill the index buffers from the map, on their current device: after a model built on
+        the meta device was materialised with ``to_empty`` (which leaves buffers uninitialised)."""
+        device = self.slot_expert.device
+        if device.type == "meta":
+            device = torch.device("cpu")
+        r, per_expert = self._max_replicas, self._per_expert
+        self.slot_expert = torch.tensor(self.slots, dtype=torch.long, device=device)
+        self.replica_slots = torch.tensor([s + s[:1] * (r - len(s)) for s in per_expert], dtype=torch.long, device=device)
+        self.num_replicas = torch.tensor([len(s) for s in per_expert], dtype=torch.long, device=device)
 
     def local_experts(self, rank: int) -> List[int]:
         """Logical expert of each of ``rank``'s S slots."""
         s = self.slots_per_rank
-        return self.slot_expert[rank * s : (rank + 1) * s].tolist()
+        return self.slots[rank * s : (rank + 1) * s]
 
     def route(self, routing: Routing) -> Routing:
         """The routing over physical slots.
