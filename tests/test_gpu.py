@@ -178,7 +178,11 @@ def test_fp16_expert_parallel_checkpoint_resumes_on_one_gpu_and_back(tmp_path):
 @pytest.mark.parametrize("policy", ["lifo", "lru"])
 def test_expert_buffering_on_gpu_equals_resident(dtype, gating, policy):
     """Buffered experts (pinned host memory, 4 of 16 in device slots, side-stream copies) give the
-    all-resident layer's outputs; copies are counted and the device holds a quarter of the experts."""
+    all-resident layer's outputs; copies are counted and the device holds a quarter of the experts.
+
+    Dynamic gating: bit-identical. Static gating: on the H200 (2026-11-30, float32) the batched
+    matmul over the K slot stack and over all E experts rounded differently (cuBLAS picks its
+    kernel by batch count), so static is compared to float rounding; see README "Expert buffering"."""
     import copy
 
     from fairseq_moe_infer.inference import configure_buffering
@@ -191,7 +195,11 @@ def test_expert_buffering_on_gpu_equals_resident(dtype, gating, policy):
     with torch.no_grad():
         for n in (8, 300, 2048, 5):
             x = torch.randn(n, 256, device="cuda", dtype=dtype, generator=g)
-            assert torch.equal(buffered(x), plain(x)), n
+            if gating == "dynamic":
+                assert torch.equal(buffered(x), plain(x)), n
+            else:
+                tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+                torch.testing.assert_close(buffered(x), plain(x), rtol=tol, atol=tol, msg=str(n))
     b = buffered.experts.buffer
     assert all(h.is_pinned() for h in b.host) and b.slots[0].is_cuda
     s = b.stats()
