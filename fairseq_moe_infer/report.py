@@ -193,9 +193,15 @@ def gpu_load_summary(layer) -> dict:
 
     loads = layer.eval_rank_loads()
     all_ranks = layer.group is None or dist.is_initialized()
-    if layer.group is not None and all_ranks and loads.numel():
-        loads = loads.clone()
-        dist.all_reduce(loads, group=layer.group)
+    if layer.group is not None and all_ranks:
+        # ranks may have run different numbers of forwards (lockstep dummy forwards, empty padding
+        # batches): agree on the count first, pad with zero rows, then sum (equal shapes on every rank)
+        n = torch.tensor([loads.shape[0]], dtype=torch.long, device=loads.device)
+        dist.all_reduce(n, op=dist.ReduceOp.MAX, group=layer.group)
+        padded = loads.new_zeros((int(n.item()), layer.placement.world_size))
+        padded[: loads.shape[0]] = loads
+        dist.all_reduce(padded, group=layer.group)
+        loads = padded
     host = loads.cpu().numpy()
     return {"world_size": layer.placement.world_size, "slots_per_gpu": layer.placement.slots_per_rank,
             "all_ranks": all_ranks,  # False: the process group was gone at exit, this rank's tokens only
