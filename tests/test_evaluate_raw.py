@@ -325,6 +325,7 @@ def test_plugin_scripts_keep_fairseq_start_up_lines_out_unless_verbose(tmp_path)
     script = os.path.join(REPO, "scripts", "export_checkpoint.py")
     quiet = _script(script, ckpt, "--out", tmp_path / "a" / "checkpoint.pt")
     assert quiet.returncode == 0, quiet.stderr
-    assert quiet.stderr.strip().splitlines() == ["wrote checkpoint.pt: 7.0 MiB"]
+    # the experts of the two shard files are in the exported main file (7.0 MiB shared + 2 x 4.0 MiB experts)
+    assert quiet.stderr.strip().splitlines() == ["wrote checkpoint.pt: 15.0 MiB"]
     verbose = _script(script, ckpt, "--out", tmp_path / "b" / "checkpoint.pt", "--verbose")
     assert "Please install tensorboardX" in verbose.stderr  # fairseq's line, shown when asked
