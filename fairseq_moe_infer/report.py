@@ -39,6 +39,7 @@ writes ``PATH.rank<r>``.
 import atexit
 import json
 import logging
+import multiprocessing
 import time
 from typing import Optional
 
@@ -87,7 +88,10 @@ class MoERunReport:
         for name, b in buffers.items():
             layers[name]["buffer"] = b
         for name, m in self.layers:
-            layers[name]["gpu_load"] = gpu_load_summary(m)
+            # not from the exit handlers of a worker that fairseq's launcher spawned: a collective
+            # there made gloo abort it ("terminate called without an active exception"); such
+            # runs report each rank's own loads (all_ranks False) in its own summary file
+            layers[name]["gpu_load"] = gpu_load_summary(m, reduce=multiprocessing.parent_process() is None)
         firsts = {}
         for name, totals in layers.items():
             stack = name.split(".layers.")[0]
@@ -180,19 +184,20 @@ def _buffer_line(b: dict) -> str:
             f"{b['device_bytes_buffered'] / 2**20:.1f} MiB (all resident {b['device_bytes_all_resident'] / 2**20:.1f} MiB)")
 
 
-def gpu_load_summary(layer) -> dict:
+def gpu_load_summary(layer, reduce: bool = True) -> dict:
     """Load of each expert-parallel GPU for one :class:`MoELayer` (see the module docstring).
 
     Returns:
         dict: ``world_size``, ``slots_per_gpu``, ``tokens_per_gpu`` ([W] ints, whole run, all
         ranks' tokens), ``all_ranks`` (False when the process group was already destroyed at
-        exit: then this rank's tokens only), and :func:`~fairseq_moe_infer.placement_planner.load_ratios` of the
+        exit, or ``reduce`` is False: then this rank's tokens only), and
+        :func:`~fairseq_moe_infer.placement_planner.load_ratios` of the
         [forwards, W] per-batch loads.
     """
     import torch.distributed as dist
 
     loads = layer.eval_rank_loads()
-    all_ranks = layer.group is None or dist.is_initialized()
+    all_ranks = layer.group is None or (dist.is_initialized() and reduce)
     if layer.group is not None and all_ranks:
         # ranks may have run different numbers of forwards (lockstep dummy forwards, empty padding
         # batches): agree on the count first, pad with zero rows, then sum (equal shapes on every rank)
