@@ -33,9 +33,10 @@ setup(
         "sentencepiece>=0.1.99",
         "sacrebleu>=2.0",
         "hydra-core>=1.0.7",
-        # fairseq (ve-fairseq 0.12.3 too) calls np.compat.long, which numpy 2 removed: fairseq-eval-lm
-        # --sample-break-mode eos and fairseq-interactive with an LM crash under numpy 2
-        "numpy>=1.24,<2; python_version >= '3.11'",
+        # fairseq (ve-fairseq 0.12.3 too) calls np.compat.long, which numpy 2 removed: the plugin puts
+        # that one name back (fairseq_moe_infer/fairseq_patches.py). Pinning numpy<2 instead crashed
+        # (segfault) next to scipy/scikit-learn wheels built for numpy 2.
+        "numpy>=1.24; python_version >= '3.11'",
         "tqdm",
         "matplotlib",  # scripts/evaluate.py's tokens-per-expert heat map
     ],

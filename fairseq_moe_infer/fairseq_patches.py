@@ -250,8 +250,21 @@ def _wrap(owner, name: str, wrapper: Callable) -> None:
     setattr(owner, name, wrapped)
 
 
+def restore_numpy_compat_long() -> None:
+    """numpy 2 removed ``np.compat``; fairseq's ``TokenBlockDataset`` (``--sample-break-mode eos``)
+    and ``LanguagePairDataset.get_batch_shapes`` still read ``np.compat.long`` and crashed with
+    ``module 'numpy' has no attribute 'compat'`` (fairseq-eval-lm, fairseq-interactive with an LM).
+    Puts back that one name (``int``, as numpy 1 defined it) where numpy lacks it.
+    Test: ``tests/test_fairseq_cli.py::test_eval_lm_eos_break_mode_and_interactive_lm``."""
+    if not hasattr(np, "compat"):
+        import types
+
+        np.compat = types.SimpleNamespace(long=int)
+
+
 def install_all() -> None:
-    """Install every entry of :data:`PATCHES` (idempotent)."""
+    """Install every entry of :data:`PATCHES` (idempotent), and :func:`restore_numpy_compat_long`."""
+    restore_numpy_compat_long()
     for patch in PATCHES:
         if patch.install is not None:
             patch.install(patch.wrapper)

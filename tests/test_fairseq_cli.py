@@ -181,7 +181,7 @@ def test_generate_translates_every_sentence_whatever_the_batch_settings(mt_check
 
 
 def test_eval_lm_eos_break_mode_and_interactive_lm(lm_checkpoint):
-    """numpy 2 removed np.compat, which fairseq uses in both (setup.py pins numpy < 2); every sentence is scored
+    """numpy 2 removed np.compat, which fairseq uses in both (the plugin puts np.compat.long back); every sentence is scored
     even in batches of 3 (50 sentences: the last batch of 2 was dropped)."""
     from fairseq.data import data_utils
 
@@ -189,8 +189,10 @@ def test_eval_lm_eos_break_mode_and_interactive_lm(lm_checkpoint):
     text = ok(run("eval-lm", [TINY_LM, "--user-dir", USER_DIR, "--task", "moe_language_modeling", "--path", ckpt,
                               "--gen-subset", "test1", "--sample-break-mode", "eos", "--batch-size", "3",
                               "--moe-gating", "dynamic"]))
-    sizes = data_utils.load_indexed_dataset(os.path.join(TINY_LM, "test1"), None).sizes  # tokens incl. </s> per line
-    assert int(re.search(r"Evaluated ([0-9,]+) tokens", text).group(1).replace(",", "")) == int(sizes.sum())
+    # keep the dataset alive while reading its sizes: they are a view of its memory map (a segfault otherwise)
+    dataset = data_utils.load_indexed_dataset(os.path.join(TINY_LM, "test1"), None)
+    total = int(dataset.sizes.sum())  # tokens incl. </s> per line
+    assert int(re.search(r"Evaluated ([0-9,]+) tokens", text).group(1).replace(",", "")) == total
     out = ok(run("interactive", [TINY_LM, "--user-dir", USER_DIR, "--task", "moe_language_modeling", "--path", ckpt,
                                  "--moe-gating", "dynamic", "--beam", "1", "--max-len-b", "5"], stdin="the man\n"))
     assert len([line for line in out.splitlines() if line.startswith("H-0")]) == 1
