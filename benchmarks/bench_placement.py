@@ -22,7 +22,6 @@ import argparse
 import functools
 import os
 import sys
-import time
 
 import numpy as np
 import torch
@@ -30,7 +29,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import run_info, write_json  # noqa: E402
+from benchmarks.common import median_time_s, run_info, write_json  # noqa: E402
 from fairseq_moe_infer import placement_planner as pp  # noqa: E402
 from fairseq_moe_infer.moe.dispatch import DynamicDispatcher  # noqa: E402
 from fairseq_moe_infer.moe.experts import Experts  # noqa: E402
@@ -49,38 +48,6 @@ def _init() -> tuple:
         else:
             dist.init_process_group("gloo")
     return (dist.get_rank(), world) if world > 1 else (0, 1)
-
-
-def _sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def _time(fn, device, warmup: int, repeat: int) -> float:
-    """Median seconds of ``fn()`` (CUDA events on GPU, perf_counter on CPU)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        _sync(device)
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            t = start.elapsed_time(end) / 1000
-        else:
-            t0 = time.perf_counter()
-            fn()
-            t = time.perf_counter() - t0
-        t = torch.tensor([t], dtype=torch.float64, device="cuda" if torch.cuda.is_available() else "cpu")
-        if dist.is_initialized():
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)  # the step ends when the slowest rank ends
-        times.append(float(t))
-    return float(np.median(times))
 
 
 def _replay(dispatcher, inputs, routings, experts, group) -> None:
@@ -140,7 +107,8 @@ def main(argv=None) -> None:
                               torch.zeros((), device=device), e, True)
             routings.append(placement.route(logical))
 
-        t = _time(functools.partial(_replay, dispatcher, inputs, routings, experts, group), device, a.warmup, a.repeat)
+        t = median_time_s(functools.partial(_replay, dispatcher, inputs, routings, experts, group), device, a.warmup,
+                          a.repeat, slowest_rank=True)
         sim = pp.load_ratios(pp.gpu_loads(replay_counts, plan, world))
         rows.append({"policy": policy, "slots_per_gpu": slots, "seconds": t, "tokens_per_s": tokens / t,
                      "mean_step_ms": 1000 * t / len(replay), "simulated": sim, "plan": plan})

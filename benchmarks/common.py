@@ -61,6 +61,40 @@ def time_cuda(fn: Callable[[int], object], warmup: int = 2, repeat: int = 5, bud
     return {"median_ms": statistics.median(times), "min_ms": min(times), "repeats": len(times)}
 
 
+def median_time_s(fn: Callable[[], object], device: torch.device, warmup: int = 1, repeat: int = 3,
+                  slowest_rank: bool = False) -> float:
+    """Median seconds of ``fn()`` over ``repeat`` runs after ``warmup`` runs: CUDA events on a GPU,
+    ``time.perf_counter`` on the CPU (toy-size checks of the benchmarks).
+
+    Each run starts with the device idle and, under torch.distributed, all ranks at a barrier; with
+    ``slowest_rank`` a run's time is the largest over the ranks (an expert-parallel step ends when
+    its slowest rank ends). :func:`time_cuda` is the GPU-only variant with a time budget."""
+    for _ in range(warmup):
+        fn()
+    times: List[float] = []
+    for _ in range(repeat):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        barrier()
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            t = start.elapsed_time(end) / 1000
+        else:
+            t0 = time.perf_counter()
+            fn()
+            t = time.perf_counter() - t0
+        if slowest_rank and dist.is_initialized():
+            reduced = torch.tensor([t], dtype=torch.float64, device="cuda" if device.type == "cuda" else "cpu")
+            dist.all_reduce(reduced, op=dist.ReduceOp.MAX)
+            t = float(reduced)
+        times.append(t)
+    return statistics.median(times)
+
+
 def measure_ceilings() -> dict:
     """Measured bf16 matmul rate (8192^3, random data) and device-to-device copy rate."""
     n = 8192

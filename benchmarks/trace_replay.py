@@ -22,6 +22,7 @@ import time
 import numpy as np
 import torch
 
+from benchmarks.common import median_time_s
 from fairseq_moe_infer.moe import moe_layers
 from fairseq_moe_infer.moe.buffered import ExpertBuffer
 from fairseq_moe_infer.moe.gate import Routing
@@ -86,25 +87,6 @@ class TraceReplay:
         return hook
 
 
-def _timed(fn, device, repeat: int):
-    """Median ms of ``fn()`` over ``repeat`` runs after one warm-up (CUDA events on GPU)."""
-    fn()
-    times = []
-    for _ in range(repeat):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(1000 * (time.perf_counter() - t0))
-    return float(np.median(times))
-
-
 def replay_rows(model, task, trace_paths, sentences=(1, 8, 64), fractions=(16, 8, 4, 2, 1),
                 policies=("lifo", "lru", "fifo", "lfu", "belady"), repeat=3, deadline=None, save=lambda rows: None,
                 src_len=64, out_len=32, beam=4):
@@ -142,7 +124,7 @@ def replay_rows(model, task, trace_paths, sentences=(1, 8, 64), fractions=(16, 8
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        ms = _timed(fn, device, runs)
+        ms = 1000 * median_time_s(fn, device, warmup=1, repeat=runs)
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
         return ms, peak
 
