@@ -42,3 +42,16 @@ def exit_with_error(problem: str) -> "None":
     if prog.endswith(".py"):  # ``python -m fairseq_cli.train`` etc.
         prog = "fairseq-" + prog[:-3].replace("_", "-")
     raise SystemExit(f"{prog}: error: {problem}")
+
+
+def loaded_tool_modules(name: str) -> list:
+    """The loaded copies of ``fairseq_cli.<name>``: the module itself and a run of it as ``__main__``
+    (``python -m fairseq_cli.<name>``) or ``__mp_main__`` (the workers fairseq's launcher spawns
+    re-run the script under that name). Nothing is imported: importing a fairseq_cli module
+    (e.g. ``interactive``) configures logging for the whole process."""
+    mods = [sys.modules[f"fairseq_cli.{name}"]] if f"fairseq_cli.{name}" in sys.modules else []
+    for key in ("__main__", "__mp_main__"):
+        main = sys.modules.get(key)
+        if main is not None and (getattr(main, "__file__", "") or "").endswith(os.path.join("fairseq_cli", f"{name}.py")):
+            mods.append(main)
+    return mods

@@ -26,14 +26,12 @@ the preceding text: a different perplexity than one process).
 
 import functools
 import math
-import os
-import sys
 from typing import Iterable, Iterator, List
 
 import torch
 from torch import nn
 
-from .cli import exit_with_error
+from .cli import exit_with_error, loaded_tool_modules
 from .moe import moe_layers
 from .training import expert_parallel_world
 
@@ -110,16 +108,11 @@ def install_eval_lm_wrap(wrapper) -> None:
     (once; no-op where fairseq_cli is not importable), also in the copies of that module which
     ``python -m fairseq_cli.eval_lm`` and fairseq's spawned workers run."""
     try:
-        import fairseq_cli.eval_lm as cli
+        import fairseq_cli.eval_lm  # noqa: F401 (loaded, so that it is wrapped below)
     except ImportError:  # pragma: no cover - fairseq without its CLI
         return
-    _wrap(cli, wrapper)
-    # ``python -m fairseq_cli.eval_lm`` runs a second copy as __main__; in the workers that fairseq
-    # spawns for --distributed-world-size, multiprocessing re-runs it as __mp_main__
-    for name in ("__main__", "__mp_main__"):
-        main = sys.modules.get(name)
-        if main is not None and (getattr(main, "__file__", "") or "").endswith(os.path.join("fairseq_cli", "eval_lm.py")):
-            _wrap(main, wrapper)
+    for module in loaded_tool_modules("eval_lm"):  # cli itself, and its __main__ / __mp_main__ copies
+        _wrap(module, wrapper)
 
 
 def _wrap(cli, wrapper) -> None:

@@ -47,7 +47,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .cli import exit_with_error
+from .cli import exit_with_error, loaded_tool_modules
 from .moe import moe_layers
 from .training import expert_parallel_world
 
@@ -383,17 +383,6 @@ def interactive_main(cfg, **kwargs):
 _ORIGINAL: dict = {}
 
 
-def _tool_modules(name: str):
-    """The loaded copies of ``fairseq_cli.<name>``: the module and a ``__main__`` / ``__mp_main__`` run of it.
-    (Not imported here: importing ``fairseq_cli.interactive`` configures logging for the whole process.)"""
-    mods = [sys.modules[f"fairseq_cli.{name}"]] if f"fairseq_cli.{name}" in sys.modules else []
-    for key in ("__main__", "__mp_main__"):
-        main = sys.modules.get(key)
-        if main is not None and (getattr(main, "__file__", "") or "").endswith(os.path.join("fairseq_cli", f"{name}.py")):
-            mods.append(main)
-    return mods
-
-
 def _original(name: str):
     """fairseq's own ``fairseq_cli.<name>.main``."""
     if name not in _ORIGINAL:
@@ -408,7 +397,7 @@ def install_generate_hooks() -> None:
     ``__main__`` copies) by :func:`generate_main` / :func:`interactive_main`, where the tool is
     running (once; they call the originals for anything but an expert-parallel ``moe_*`` run)."""
     for name, wrapper in (("generate", generate_main), ("interactive", interactive_main)):
-        for mod in _tool_modules(name):
+        for mod in loaded_tool_modules(name):
             if getattr(mod, "main", wrapper) is wrapper:
                 continue
             _ORIGINAL.setdefault(name, mod.main)

@@ -18,7 +18,7 @@ from typing import Callable, List, Optional
 import numpy as np
 
 from . import checkpoint, expert_parallel_eval, training
-from .cli import exit_with_error, in_fairseq_tool
+from .cli import exit_with_error, in_fairseq_tool, loaded_tool_modules
 
 logger = logging.getLogger("fairseq_moe_infer")
 
@@ -103,19 +103,9 @@ def make_batches(original, lines, cfg, task, *args, **kwargs):
     return original(lines, cfg, task, *args, **kwargs)
 
 
-def _interactive_modules():
-    """fairseq_cli.interactive, and its second copy when run as ``python -m fairseq_cli.interactive``
-    (only modules already loaded: importing fairseq_cli.interactive configures logging)."""
-    found = [sys.modules.get("fairseq_cli.interactive")]
-    main = sys.modules.get("__main__")
-    if (getattr(main, "__file__", "") or "").endswith(os.path.join("fairseq_cli", "interactive.py")):
-        found.append(main)
-    return [m for m in found if m is not None and hasattr(m, "buffered_read")]
-
-
 def _install_in_interactive(name: str):
     def install(wrapper: Callable) -> None:
-        for cli in _interactive_modules():
+        for cli in loaded_tool_modules("interactive"):  # only where fairseq-interactive runs
             _wrap(cli, name, wrapper)
 
     return install
