@@ -15,6 +15,15 @@ every rank of ``fairseq-train`` / ``fairseq-eval-lm`` / ``fairseq-generate`` /
   ``DistError`` / gloo's "Connection closed by peer" / a timeout) into ONE line naming the
   rank that stopped (the one whose heartbeat is older than a few seconds; rank 0 when the
   store it hosts does not answer), and exits with status 1.
+
+:func:`end_expert_parallel_run` is the other end: the tools' expert-parallel paths (generate,
+interactive, eval-lm) call it once every rank has finished its work. It runs the end-of-run
+collectives registered with :func:`at_end_of_run` (the run summary's per-GPU loads) while all
+ranks are still there, waits for all ranks (a barrier, bounded like every wait), stops the
+heartbeat and destroys the process group. Leaving gloo's process group and the heartbeat to the
+interpreter's exit made ranks abort at exit ("terminate called without an active exception",
+status -6) after a correct run, and a collective in an ``atexit`` handler could meet a rank
+that had already gone.
 """
 
 import datetime
@@ -33,6 +42,9 @@ HEARTBEAT_S = 1.0
 STALE_S = 4.0
 _KEY = "moe_heartbeat/{}"
 _state = {"installed": False, "timeout": None}
+_stop = threading.Event()
+_heartbeat: list = []  # the heartbeat thread, once started
+_END_HOOKS: list = []
 
 
 def _store():
@@ -42,12 +54,12 @@ def _store():
 
 
 def _beat(store, rank: int) -> None:
-    while True:
+    while not _stop.is_set():
         try:
             store.set(_KEY.format(rank), repr(time.time()))
         except Exception:  # the store's host is gone: nothing left to report to
             return
-        time.sleep(HEARTBEAT_S)
+        _stop.wait(HEARTBEAT_S)
 
 
 def stopped_rank(wait_s: float = 2 * STALE_S) -> Optional[str]:
@@ -120,5 +132,38 @@ def bound_collective_waits(timeout_s: float) -> None:
     if _state["installed"]:
         return
     _state["installed"] = True
-    threading.Thread(target=_beat, args=(_store(), dist.get_rank()), daemon=True, name="moe-heartbeat").start()
+    _stop.clear()
+    beat = threading.Thread(target=_beat, args=(_store(), dist.get_rank()), daemon=True, name="moe-heartbeat")
+    beat.start()
+    _heartbeat.append(beat)
     sys.excepthook = _excepthook(sys.excepthook)
+
+
+def at_end_of_run(fn) -> None:
+    """Register ``fn()`` (no arguments) to run in :func:`end_expert_parallel_run`, before the
+    process group goes: for end-of-run collectives (every rank registers the same functions in
+    the same order, so their collectives match)."""
+    _END_HOOKS.append(fn)
+
+
+def end_expert_parallel_run() -> None:
+    """End an expert-parallel tool run on this rank (see the module docstring): run the
+    :func:`at_end_of_run` functions, barrier, stop the heartbeat, destroy the process group.
+    Every rank must call it once, after its last MoE forward; no-op without a process group.
+
+    Raises:
+        whatever a hook or the barrier raises (a lost rank: the one-line report of
+        :func:`bound_collective_waits`'s excepthook).
+    """
+    hooks, _END_HOOKS[:] = list(_END_HOOKS), []
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    for fn in hooks:
+        fn()
+    dist.barrier()
+    _stop.set()
+    for beat in _heartbeat:
+        beat.join(timeout=2 * HEARTBEAT_S)
+    _heartbeat.clear()
+    _state["installed"] = False
+    dist.destroy_process_group()

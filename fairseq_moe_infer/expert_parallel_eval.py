@@ -31,6 +31,7 @@ from typing import Iterable, Iterator, List
 import torch
 from torch import nn
 
+from .bounded_waits import end_expert_parallel_run
 from .cli import exit_with_error, loaded_tool_modules
 from .moe import moe_layers
 from .training import expert_parallel_world
@@ -98,6 +99,7 @@ def eval_lm(original, models, source_dictionary, batch_iterator, *args, **kwargs
     results = original(models, source_dictionary, batches, *args, **kwargs)
     out = _combine_over_ranks(results, batches.tokens, next(models[0].parameters()).device)
     cli.logger.info(ALL_RANKS_LINE.format(results["loss"], batches.tokens, out["loss"], out["tokens_all_ranks"]))
+    end_expert_parallel_run()  # eval-lm's main only logs after this
     if not math.isfinite(out["loss"]):
         raise FloatingPointError("expert-parallel eval-lm: the combined loss is not finite")
     return out

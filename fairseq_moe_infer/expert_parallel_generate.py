@@ -47,6 +47,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .bounded_waits import end_expert_parallel_run
 from .cli import exit_with_error, loaded_tool_modules
 from .moe import moe_layers
 from .training import expert_parallel_world
@@ -275,6 +276,7 @@ def _generate_worker(cfg) -> None:
     mine = {"batches": run.batches, "by_id": by_id, "calls": calls}
     gathered = [None] * world if rank == 0 else None
     dist.gather_object(mine, gathered, dst=0)
+    end_expert_parallel_run()
     if rank != 0:
         return
     by_id = {sid: ls for r in gathered for sid, ls in r["by_id"].items()}
@@ -376,6 +378,7 @@ def interactive_main(cfg, **kwargs):
     lockstep = lockstep_for([m for m in _BUILT if m is not None])
     if lockstep is not None:
         lockstep.serve(final=True)
+    end_expert_parallel_run()
 
 
 # ----------------------------------------------------------------------------- installation

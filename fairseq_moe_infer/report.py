@@ -22,9 +22,10 @@ forwards only and gives:
   ``step_max_over_mean`` (sum over batches of the largest GPU load over the sum of the mean
   loads) is the slowdown against perfect balance; also the mean and worst per-batch ratio and
   the ratio of the run totals (:func:`fairseq_moe_infer.placement_planner.load_ratios`).
-  Under expert parallelism the ranks' per-batch loads are summed with one ``all_reduce`` when
-  the summary is made (every rank makes it at exit: each MoE forward was a collective, so all
-  ranks have the same number of forwards).
+  Under expert parallelism the ranks' per-batch loads are summed with one ``all_reduce`` at the
+  end of the run, when every rank has finished
+  (:func:`~fairseq_moe_infer.bounded_waits.end_expert_parallel_run`); a run that ended early
+  (an error, a lost rank) reports each rank's own loads (``all_ranks`` false).
 
 It is logged (one readable line per layer, then the whole summary as one JSON
 line prefixed ``moe_summary``) and written to ``--moe-stats-json`` when given (strict JSON:
@@ -39,7 +40,6 @@ writes ``PATH.rank<r>``.
 import atexit
 import json
 import logging
-import multiprocessing
 import time
 from typing import Optional
 
@@ -68,6 +68,8 @@ class MoERunReport:
         self.t_first: Optional[float] = None
         self.t_last: Optional[float] = None
         self._done = False
+        self._gpu_loads: dict = {}
+        self._rank = _rank_info()  # now: the process group is gone at exit
         for _, m in self.layers:  # the tools call encoder/decoder directly, so hook the MoE layers
             m.register_forward_pre_hook(self._pre)
             m.register_forward_hook(self._post)
@@ -88,10 +90,9 @@ class MoERunReport:
         for name, b in buffers.items():
             layers[name]["buffer"] = b
         for name, m in self.layers:
-            # not from the exit handlers of a worker that fairseq's launcher spawned: a collective
-            # there made gloo abort it ("terminate called without an active exception"); such
-            # runs report each rank's own loads (all_ranks False) in its own summary file
-            layers[name]["gpu_load"] = gpu_load_summary(m, reduce=multiprocessing.parent_process() is None)
+            # all ranks' loads when collect_gpu_loads ran at the end of the run; never a collective
+            # at exit (a rank may be gone): else this rank's own loads (all_ranks False)
+            layers[name]["gpu_load"] = self._gpu_loads.get(name) or gpu_load_summary(m, reduce=False)
         firsts = {}
         for name, totals in layers.items():
             stack = name.split(".layers.")[0]
@@ -114,7 +115,7 @@ class MoERunReport:
             "layers": layers,
             "complete": not run_failed(),
             **({"buffer": buffer_totals(list(buffers.values()))} if buffers else {}),
-            **_rank_info(),
+            **self._rank,
         }
 
     def finish(self) -> Optional[dict]:
@@ -160,8 +161,20 @@ class MoERunReport:
             except OSError as e:  # checked at start; the folder may have gone since
                 logger.error("could not write --moe-stats-json %s: %s", path, e)
 
+    def collect_gpu_loads(self) -> None:
+        """Sum the expert-parallel ranks' per-batch GPU loads (one ``all_reduce`` per layer), kept
+        for the summary. A collective: every rank calls it at the same point, when all have done
+        their last MoE forward (:func:`~fairseq_moe_infer.bounded_waits.end_expert_parallel_run`)."""
+        self._gpu_loads = {name: gpu_load_summary(m, reduce=True) for name, m in self.layers}
+
     def register_atexit(self) -> "MoERunReport":
+        """Print the summary at exit; under expert parallelism, collect the ranks' loads at the end of
+        the run first (:meth:`collect_gpu_loads`)."""
+        from .bounded_waits import at_end_of_run
+
         atexit.register(self.finish)
+        if any(m.group is not None for _, m in self.layers):
+            at_end_of_run(self.collect_gpu_loads)
         return self
 
 

@@ -252,9 +252,11 @@ class TraceRecorder:
 
     def __init__(self, model: nn.Module, path: str):
         from .moe import moe_layers
+        from .moe.comm import expert_parallel_group
 
         layers = moe_layers(model, named=True)
         self.path = path
+        _, self.world_size, self.rank = expert_parallel_group()  # now: the process group is gone at exit
         self.layer_names = [n for n, _ in layers]
         gates = [m.gate for _, m in layers]
         self.num_experts = gates[0].num_experts if gates else 0
@@ -281,12 +283,10 @@ class TraceRecorder:
 
     def trace(self) -> RoutingTrace:
         """The calls recorded so far."""
-        from .moe.comm import expert_parallel_group
-
-        _, world, rank = expert_parallel_group()
         choices = np.concatenate(self.choices) if self.choices else np.zeros((0, self.k), dtype=np.int16)
         return RoutingTrace(self.num_experts, self.k, self.layer_names, np.array(self.call_layer, dtype=np.int32),
-                            np.array(self.call_tokens, dtype=np.int64), choices, world, rank, not self.interrupted)
+                            np.array(self.call_tokens, dtype=np.int64), choices, self.world_size, self.rank,
+                            not self.interrupted)
 
     def finish(self) -> Optional[str]:
         """Write the trace once (at exit); returns the file written."""

@@ -137,6 +137,20 @@ def test_generate_two_ranks_equals_one_process(seven, tmp_path, batch, gating):
     for key in ("tokens", "routed"):
         assert sum(r[key] for r in ranks) == ref[key], key
     assert ranks[0]["dropped"] == ranks[1]["dropped"] == ref["dropped"] == 0
+    _assert_all_ranks_gpu_load(ref, ranks)
+
+
+def _assert_all_ranks_gpu_load(ref, ranks):
+    """Every rank's summary has the per-GPU load of all ranks (collected before the process group went,
+    not this rank's only), equal to the one-process run's tokens per expert summed per GPU (contiguous
+    placement: GPU g holds experts g*E/W .. (g+1)*E/W - 1)."""
+    world = len(ranks)
+    for name, layer in ref["layers"].items():
+        counts, per = layer["expert_counts"], len(layer["expert_counts"]) // world
+        expected = [sum(counts[g * per:(g + 1) * per]) for g in range(world)]
+        for r in ranks:
+            load = r["layers"][name]["gpu_load"]
+            assert load["all_ranks"] and load["tokens_per_gpu"] == expected, (name, r.get("rank"), load)
 
 
 def test_generate_one_sentence_on_two_ranks(tmp_path):
@@ -333,11 +347,15 @@ def _spawned(name, args, stdin=None):
 
 
 @pytest.mark.slow
-def test_generate_and_interactive_under_fairseqs_launcher(seven):
+def test_generate_and_interactive_under_fairseqs_launcher(seven, tmp_path):
     """The workers fairseq spawns must find the plugin's worker (pickled by name), and interactive's rank 0,
     whose stdin multiprocessing replaced by /dev/null, must read its launcher's stdin."""
     extra = ["--batch-size", "3", "--moe-gating", "dynamic"]
-    _assert_same_output(_one("generate", _generate_args(seven, extra)), _spawned("generate", _generate_args(seven, extra)))
+    stats = [f"--moe-stats-json={tmp_path / name}" for name in ("one.json", "ep.json")]
+    _assert_same_output(_one("generate", _generate_args(seven, extra + stats[:1])),
+                        _spawned("generate", _generate_args(seven, extra + stats[1:])))
+    ranks = [json.loads((tmp_path / name).read_text()) for name in ("ep.json", "ep.json.rank1")]
+    _assert_all_ranks_gpu_load(json.loads((tmp_path / "one.json").read_text()), ranks)  # spawned workers too
     args = [MT, "--user-dir", USER_DIR, "--task", "moe_translation", "--path", CKPT, "--source-lang", "src",
             "--target-lang", "tgt", "--bpe", "sentencepiece", "--sentencepiece-model", os.path.join(MT, "spm.model"),
             "--beam", "2", "--moe-gating", "dynamic", "--cpu", "--buffer-size", "2", "--batch-size", "2"]
