@@ -195,3 +195,23 @@ def test_a_batch_without_tokens(gating):
         empty = layer(x[:0])
     assert torch.equal(out, torch.zeros_like(out)) and empty.shape == (0, 16)
     assert layer.last_stats.dropped.item() == 0
+
+
+def test_forward_load_log_keeps_every_row_in_a_fixed_device_chunk():
+    """ForwardLoadLog (per-forward GPU loads) against a plain list: rows spill to the host every `chunk`
+    forwards, zero_from keeps the rows' places, and the device chunk never grows."""
+    from fairseq_moe_infer.moe.moe_layer import ForwardLoadLog
+
+    log, ref = ForwardLoadLog(world=2, device=torch.device("cpu"), chunk=3), []
+    chunk = log._chunk
+    for i in range(8):
+        row = torch.tensor([i, 10 * i])
+        log.append(row)
+        ref.append(row)
+    assert len(log) == 8 and log._chunk is chunk and len(log._host) == 2
+    assert torch.equal(log.tensor(), torch.stack(ref))
+    log.zero_from(4)  # inside the second host chunk and the device chunk
+    for i in range(4, 8):
+        ref[i] = torch.zeros(2, dtype=torch.long)
+    assert torch.equal(log.tensor(), torch.stack(ref))
+    assert log.tensor().dtype == torch.long and ForwardLoadLog(2, torch.device("cpu")).tensor().shape == (0, 2)

@@ -22,6 +22,55 @@ from .gate import MoEConfigError, TopKGate
 from .placement import LayerPlacement, identity_placement
 
 
+class ForwardLoadLog:
+    """The per-forward GPU loads of one layer ([W] int64 rows, see :meth:`MoELayer.eval_rank_loads`)
+    in bounded device memory.
+
+    Rows go into a preallocated device chunk of ``chunk`` rows (a copy, no allocation per forward);
+    a full chunk moves to the host as int32 (one device-to-host copy per ``chunk`` forwards, never
+    while a CUDA graph is being captured). Cost: 4·W bytes of host memory per MoE forward (the
+    per-batch max/mean needs every batch: 0.3 MB for 10,000 sentences of beam-4 decoding at
+    W = 2), and a fixed ``chunk``·W·8 bytes of device memory.
+    """
+
+    def __init__(self, world: int, device: torch.device, chunk: int = 1024):
+        self.world, self.chunk_rows = world, chunk
+        self._chunk = torch.zeros(chunk, world, dtype=torch.long, device=device)
+        self._host: list = []  # full chunks, [chunk, W] int32 numpy
+        self._n = 0  # rows in the current chunk
+
+    def __len__(self) -> int:
+        return len(self._host) * self.chunk_rows + self._n
+
+    def append(self, row: Tensor) -> None:
+        """Add one forward's [W] loads (any integer dtype, on the chunk's device)."""
+        if self._n == self.chunk_rows:
+            self._flush()
+        self._chunk[self._n].copy_(row)
+        self._n += 1
+
+    def _flush(self) -> None:
+        capturing = self._chunk.is_cuda and torch.cuda.is_current_stream_capturing()
+        if capturing:  # no host copy inside a capture: grow the device chunk instead
+            self._chunk = torch.cat([self._chunk, torch.zeros_like(self._chunk[: self.chunk_rows])])
+            self.chunk_rows = self._chunk.shape[0]
+            return
+        self._host.append(self._chunk.to(torch.int32).cpu().numpy())
+        self._n = 0
+
+    def zero_from(self, index: int) -> None:
+        """Zero rows ``index`` .. end (forwards that must keep their place but count nothing)."""
+        done = len(self._host) * self.chunk_rows
+        for c in range(index // self.chunk_rows, len(self._host)):
+            self._host[c][max(index - c * self.chunk_rows, 0):] = 0
+        self._chunk[max(index - done, 0): self._n].zero_()
+
+    def tensor(self) -> Tensor:
+        """[forwards, W] int64 on the chunk's device."""
+        parts = [torch.from_numpy(h).to(self._chunk.device, torch.long) for h in self._host]
+        return torch.cat(parts + [self._chunk[: self._n]])
+
+
 class MoELayer(nn.Module):
     """Mixture-of-Experts feed-forward layer (fairseq MoE branch's ``MOELayer``).
 
@@ -95,7 +144,7 @@ class MoELayer(nn.Module):
         self.last_stats: Optional[DispatchStats] = None
         self.register_buffer("_eval_counts", torch.zeros(num_experts, dtype=torch.long), persistent=False)
         self.register_buffer("_eval_scalars", torch.zeros(3, dtype=torch.long), persistent=False)
-        self._eval_rank_loads = []
+        self._eval_rank_loads = ForwardLoadLog(self.placement.world_size, self._eval_counts.device)
 
     def set_placement(self, placement: LayerPlacement) -> None:
         """Use ``placement`` (logical expert -> physical slots) and rebuild this rank's experts
@@ -148,6 +197,9 @@ class MoELayer(nn.Module):
             n = torch.full((), tokens.shape[0], device=x.device) if mask is None else (~mask).sum()
             self._eval_counts += stats.expert_counts
             self._eval_scalars += torch.stack([n, stats.routed, stats.dropped])  # no host sync (CUDA-graph safe)
+            if self._eval_rank_loads.world != self.placement.world_size or \
+                    self._eval_rank_loads._chunk.device != slot_counts.device:  # placement set or model moved since
+                self._eval_rank_loads = ForwardLoadLog(self.placement.world_size, slot_counts.device)
             self._eval_rank_loads.append(self.placement.rank_loads(slot_counts))
         return y.view(shape)
 
@@ -158,7 +210,7 @@ class MoELayer(nn.Module):
         state = dict(self.__dict__)
         state["group"], state["_expert_parallel"] = None, self.group is not None
         state["l_aux"] = state["last_stats"] = None
-        state["_eval_rank_loads"] = []
+        state["_eval_rank_loads"] = ForwardLoadLog(self.placement.world_size, self._eval_counts.device)
         return state
 
     def __setstate__(self, state):
@@ -179,7 +231,7 @@ class MoELayer(nn.Module):
         """Zero the evaluation counters."""
         self._eval_counts.zero_()
         self._eval_scalars.zero_()
-        self._eval_rank_loads = []
+        self._eval_rank_loads = ForwardLoadLog(self.placement.world_size, self._eval_counts.device)
 
     def eval_counters(self) -> tuple:
         """A copy of the evaluation counters (device tensors: [E] int64 tokens per expert and
@@ -193,16 +245,13 @@ class MoELayer(nn.Module):
         (other ranks ran a real forward at the same time) with zero loads."""
         self._eval_counts.copy_(saved[0])
         self._eval_scalars.copy_(saved[1])
-        for i in range(saved[2], len(self._eval_rank_loads)):
-            self._eval_rank_loads[i] = torch.zeros_like(self._eval_rank_loads[i])
+        self._eval_rank_loads.zero_from(saved[2])
 
     def eval_rank_loads(self) -> torch.Tensor:
         """[forwards, W] int64 (device): kept top-k choices this rank sent to each
         expert-parallel rank's slots, per evaluation forward since the last reset
         (summed over the ranks, the tokens each GPU's experts processed in that step)."""
-        if not self._eval_rank_loads:
-            return torch.zeros(0, self.placement.world_size, dtype=torch.long, device=self._eval_counts.device)
-        return torch.stack(self._eval_rank_loads)
+        return self._eval_rank_loads.tensor()
 
     def eval_expert_counts(self) -> torch.Tensor:
         """[E] int64 device tensor: tokens routed to each expert over the evaluation forwards
