@@ -1,6 +1,6 @@
 """Shared benchmark utilities: timing (CUDA events, warm-up, median), ceilings, JSON records.
 
-Method (``/work/.library/device/METHOD.md`` of this workplace): time with CUDA
+Method (the device documentation's METHOD.md): time with CUDA
 events after warm-up, take the median of several repeats, draw fresh random
 inputs (rotating among several sets so the L2 cache does not serve repeats),
 and report each time against a ceiling measured in the same run.
