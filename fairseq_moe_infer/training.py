@@ -23,7 +23,9 @@ gradient norm; this module supplies the rest:
   earlier version) still continues the update count and learning-rate schedule of its
   optimizer history, with a warning that the moments start fresh;
 * **equal batch counts** -- fairseq pads every rank's shard with dummy batches,
-  which run the forward pass (and its all-to-alls) with zero loss weight.
+  which run the forward pass (and its all-to-alls) with zero loss weight; a dummy batch at the
+  end of an update no longer makes fairseq drop the sample size of that update's real batches
+  (:func:`train_step`).
 
 Raises (as one-line ``SystemExit`` from the task): ``--fp16`` with flattened
 fp32 gradients (the expert marker is lost: pass ``--fp16-no-flatten-grads``),
@@ -251,6 +253,44 @@ def local_expert_share(model: nn.Module, state_dict: Dict[str, torch.Tensor]) ->
 
 
 # ---- the wraps of fairseq functions (installed by fairseq_moe_infer.fairseq_patches) --------------
+
+
+def _is_padding_batch(sample) -> bool:
+    """fairseq's test for the empty batch it pads a rank's share of an epoch with
+    (``Trainer._prepare_sample`` turns it into a dummy forward)."""
+    return sample is None or len(sample) == 0
+
+
+def weightless_dummy_batch(sample_size, logging_output: dict) -> Tuple[int, dict]:
+    """The sample size (0) and logging output (every number zeroed) a dummy batch contributes.
+
+    A dummy batch (fairseq's ``ignore_grad`` forward on a rank whose share of the epoch ran out)
+    already has its loss multiplied by 0; fairseq would still add its sample size and log its loss
+    unless it is the last batch of the update. The ``moe_*`` tasks return these instead, so a dummy
+    weighs nothing wherever it sits in an update (needed by :func:`train_step`)."""
+    zeroed = {k: v * 0 if torch.is_tensor(v) or (isinstance(v, (int, float)) and not isinstance(v, bool)) else v
+              for k, v in logging_output.items()}
+    return 0, zeroed
+
+
+def train_step(original, trainer, samples, raise_oom=False):
+    """Wraps ``fairseq.trainer.Trainer.train_step`` (one update over ``--update-freq`` batches).
+
+    fairseq pads a rank's share of an epoch with empty batches so that all ranks make the same
+    number of forwards (every MoE forward is an all-to-all). When such a padding batch ends an update
+    that also holds real batches (world size not dividing the epoch's batch count, ``--update-freq``
+    > 1), fairseq's ``train_step`` takes the whole update for a dummy: it zeroes the rank's summed
+    sample size and drops its logging outputs, so every rank divides the gradients of the real batches
+    by too small a sample size (seen: a 1->2-rank resume diverged from a one-process resume). Under a
+    ``moe_*`` task (dummies weigh nothing there: :func:`weightless_dummy_batch`) the padding batches
+    are moved to the front of the update; then the last batch is real and fairseq sums the real
+    batches' sample sizes and logs them. An update of padding batches only is left as fairseq runs it.
+    """
+    if getattr(trainer.task, "weightless_dummy_batches", False):
+        padding = [s for s in samples if _is_padding_batch(s)]
+        if padding and len(padding) < len(samples):
+            samples = padding + [s for s in samples if not _is_padding_batch(s)]
+    return original(trainer, samples, raise_oom)
 
 
 def save_checkpoint(original, cfg, trainer, epoch_itr, val_loss):

@@ -9,7 +9,12 @@ from ..cli import exit_with_error
 from ..inference import configure_moe
 from ..models.validation import cli_errors
 from ..moe import moe_layers
-from ..training import check_expert_grads_finite, check_training_setup, prepare_expert_parallel_training
+from ..training import (
+    check_expert_grads_finite,
+    check_training_setup,
+    prepare_expert_parallel_training,
+    weightless_dummy_batch,
+)
 
 
 class MoETaskMixin:
@@ -21,7 +26,10 @@ class MoETaskMixin:
     interactive, ``--eval-bleu`` validation) runs in a
     :class:`~fairseq_moe_infer.expert_parallel_generate.MoELockstep`, and
     ``--moe-collective-timeout`` bounds every collective wait
-    (:mod:`fairseq_moe_infer.bounded_waits`)."""
+    (:mod:`fairseq_moe_infer.bounded_waits`). A dummy batch (``ignore_grad``) returns sample size 0
+    and a zeroed logging output (:func:`~fairseq_moe_infer.training.weightless_dummy_batch`)."""
+
+    weightless_dummy_batches = True  # read by fairseq_moe_infer.training.train_step
 
     def load_dataset(self, split, *args, **kwargs):
         """fairseq's loading; an empty split ends the tool with one line (fairseq failed in mmap with
@@ -65,7 +73,10 @@ class MoETaskMixin:
                                 "fairseq-eval-lm); drop it when training")
             check_training_setup(model, optimizer)
             self._moe_setup_checked = True
-        return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
+        loss, sample_size, logging_output = super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
+        if ignore_grad:  # fairseq's dummy batch (a rank's share of the epoch ran out): it weighs nothing
+            sample_size, logging_output = weightless_dummy_batch(sample_size, logging_output)
+        return loss, sample_size, logging_output
 
     def optimizer_step(self, optimizer, model, update_num):
         check_expert_grads_finite(model, optimizer)
