@@ -5,6 +5,7 @@ import os
 
 from .. import expert_parallel_generate as ep_generate
 from ..bounded_waits import bound_collective_waits
+from ..checkpoint import branch_settings_of
 from ..cli import exit_with_error
 from ..inference import configure_moe
 from ..models.validation import cli_errors
@@ -47,11 +48,12 @@ class MoETaskMixin:
         return result
 
     def build_model(self, cfg, from_checkpoint=False):
+        branch = branch_settings_of(cfg)  # a converted fairseq MoE-branch checkpoint's settings (fairseq drops the key)
         model = super().build_model(cfg, from_checkpoint)
         task_cfg = self.cfg if getattr(self, "cfg", None) is not None else self.args
         bound_collective_waits(getattr(task_cfg, "moe_collective_timeout", 0.0))  # before any MoE collective
         with cli_errors():  # a bad --moe-* value for this model (e.g. buffer size, trace): one line
-            configure_moe(model, task_cfg)
+            configure_moe(model, task_cfg, branch)
         prepare_expert_parallel_training(model)
         ep_generate.note_built_model(model)
         return model
