@@ -45,6 +45,7 @@ from .moe import EXPERT_PARAMS, Experts, gather_expert_stack, is_expert_param, m
 logger = logging.getLogger(__name__)
 
 _ignore_attr = "_ddp_params_and_buffers_to_ignore"
+SAVED_WORLD_SIZE_KEY = "moe_data_parallel_world_size"  # extra_state: the world size a checkpoint was saved on
 
 
 def expert_parallel_world(model: nn.Module) -> int:
@@ -321,14 +322,44 @@ def save_checkpoint(original, cfg, trainer, epoch_itr, val_loss):
 def trainer_state_dict(original, trainer) -> dict:
     """Wraps ``fairseq.trainer.Trainer.state_dict`` (rank 0 builds the checkpoint with it): puts
     in the optimizer state and fp32 EMA copy gathered by :func:`save_checkpoint`; fairseq would
-    save rank 0's own (its experts only, wrong for every other rank)."""
+    save rank 0's own (its experts only, wrong for every other rank). Also records the data-parallel
+    world size in ``extra_state`` (for :func:`trainer_load_checkpoint`)."""
     out = original(trainer)
+    if moe_layers(trainer.model) and isinstance(out.get("extra_state"), dict):
+        out["extra_state"][SAVED_WORLD_SIZE_KEY] = trainer.data_parallel_world_size  # read by trainer_load_checkpoint
     gathered = getattr(trainer, "_moe_gathered", None) or {}
     if gathered.get("optimizer") is not None and "last_optimizer_state" in out:
         out["last_optimizer_state"] = gathered["optimizer"]
     if gathered.get("ema_fp32") is not None and "ema_fp32_params" in out.get("extra_state", {}):
         out["extra_state"]["ema_fp32_params"] = gathered["ema_fp32"]
     return out
+
+
+def trainer_load_checkpoint(original, trainer, filename, *args, **kwargs):
+    """Wraps ``fairseq.trainer.Trainer.load_checkpoint`` (returns the checkpoint's ``extra_state``, whose
+    ``train_iterator`` then positions the epoch iterator): a checkpoint saved inside an epoch on N ranks
+    stores ``iterations_in_epoch`` = n batches per rank, i.e. the epoch's first n * N batches (rank r had
+    batches r, r + N, ...). fairseq applies n to each rank's shard on any world size M, so M != N skipped
+    (M > N) or repeated (M < N) batches silently, or failed with 'dataloader mismatch'. Here each of the M
+    ranks skips n * N / M batches, which is again exactly the first n * N of the epoch (logged); when M
+    does not divide n * N the run stops with one line. Checkpoints without the saved world size
+    (:func:`trainer_state_dict` records it) are left as fairseq reads them."""
+    extra_state = original(trainer, filename, *args, **kwargs)
+    itr = (extra_state or {}).get("train_iterator") or {}
+    saved, n = (extra_state or {}).get(SAVED_WORLD_SIZE_KEY), itr.get("iterations_in_epoch", 0)
+    world = trainer.data_parallel_world_size
+    if not n or not saved or saved == world or trainer.cfg.checkpoint.reset_dataloader:
+        return extra_state
+    done = n * saved
+    if done % world:
+        exit_with_error(
+            f"{filename} was saved inside epoch {itr.get('epoch')} after {done} batches ({n} on each of {saved} ranks); "
+            f"{world} ranks cannot resume exactly there: resume on a world size dividing {done}, or pass "
+            "--reset-dataloader to restart the epoch")
+    itr["iterations_in_epoch"] = done // world
+    logger.info(f"resuming inside epoch {itr.get('epoch')} on {world} ranks (saved on {saved}): each rank skips "
+                f"{done // world} batches, the {done} batches of the epoch done before")
+    return extra_state
 
 
 def ema_build_fp32_params(original, ema, state_dict=None):

@@ -118,9 +118,8 @@ RESUME_ARGS = [str(a) for a in RESUME_ARGS] + [
     "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "2", "--store-ema", "--ema-fp32", "--ema-decay", "0.5"]
 
 
-def _launch(save_dir, world, max_epoch, port=None):
-    argv = tool("train") + RESUME_ARGS + ["--save-dir", str(save_dir), "--max-epoch", str(max_epoch),
-                                          "--update-freq", str(4 // world)]
+def _launch(save_dir, world, max_epoch, port=None, args=RESUME_ARGS, stop=("--max-epoch",)):
+    argv = tool("train") + args + ["--save-dir", str(save_dir), stop[0], str(max_epoch), "--update-freq", str(4 // world)]
     if world == 1:
         return [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)]
     return [subprocess.Popen(argv + [
@@ -184,6 +183,58 @@ def test_resume_on_other_world_sizes_equals_an_uninterrupted_run(tmp_path):
     for name in resumes:
         assert "@ 1 updates" in outs[name] and "@ 0 updates" not in outs[name], (name, outs[name][-3000:])
         _assert_same_training_state(state(name), reference, name)
+
+
+# Inside an epoch: 13 blocks of 64 tokens in 7 batches of up to 2 blocks, world size x --update-freq 4: 2 updates per
+# epoch (batches 0-3, then 4-6). A run stopped after update 1 (--max-update 1) saves a checkpoint inside epoch 1, which
+# fairseq resumes on the batches of the same epoch (built with the same seed): the resumed run must end where the
+# uninterrupted one ends.
+MID_EPOCH_ARGS = RESUME_ARGS + ["--tokens-per-sample", "64", "--max-tokens", "128", "--max-epoch", "1"]
+
+
+@pytest.mark.slow
+def test_resume_inside_an_epoch_on_other_world_sizes_equals_an_uninterrupted_run(tmp_path):
+    """Saved inside epoch 1 on 2 ranks (2 batches done on each: the epoch's first 4), resumed on 1 process and on 4
+    ranks: each rank skips 4 / M batches and the run ends where an uninterrupted 1-process run ends (weights, EMA,
+    Adam moments, update count). Before: fairseq skipped 2 batches on each rank whatever the world size (on 1 process
+    batches 2 and 3 were trained twice and 6 never; on 4 ranks 'dataloader mismatch')."""
+    runs = {"uninterrupted": _launch(tmp_path / "uninterrupted", 1, 2, args=MID_EPOCH_ARGS, stop=("--max-update",)),
+            "two": _launch(tmp_path / "two", 2, 1, _port(), args=MID_EPOCH_ARGS, stop=("--max-update",))}
+    _finish(runs.pop("two"))
+    for name, world in (("two_to_one", 1), ("two_to_four", 4)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "checkpoint_last.pt").write_bytes((tmp_path / "two" / "checkpoint_last.pt").read_bytes())
+        runs[name] = _launch(tmp_path / name, world, 2, _port() if world > 1 else None, args=MID_EPOCH_ARGS,
+                             stop=("--max-update",))
+    outs = {name: _finish(procs) for name, procs in runs.items()}
+    reference = torch.load(tmp_path / "uninterrupted" / "checkpoint_last.pt", map_location="cpu", weights_only=False)
+    assert reference["optimizer_history"][-1]["num_updates"] == 2
+    for name, world in (("two_to_one", 1), ("two_to_four", 4)):
+        assert f"resuming inside epoch 1 on {world} ranks (saved on 2): each rank skips {4 // world} batches" in outs[name]
+        got = torch.load(tmp_path / name / "checkpoint_last.pt", map_location="cpu", weights_only=False)
+        _assert_same_training_state(got, reference, name)
+
+
+def test_resume_inside_an_epoch_on_a_world_size_not_dividing_the_batches_done_stops_with_one_line():
+    """Hand-made: saved after 3 batches on each of 2 ranks (the epoch's first 6); 4 ranks cannot split 6."""
+    import fairseq_moe_infer.training as training
+
+    def trainer(world, reset=False):
+        return types.SimpleNamespace(data_parallel_world_size=world,
+                                     cfg=types.SimpleNamespace(checkpoint=types.SimpleNamespace(reset_dataloader=reset)))
+
+    def saved(n, world=2):
+        return lambda trainer, filename: {"train_iterator": {"epoch": 3, "iterations_in_epoch": n, "shuffle": True},
+                                          training.SAVED_WORLD_SIZE_KEY: world}
+
+    assert training.trainer_load_checkpoint(saved(3), trainer(1), "c.pt")["train_iterator"]["iterations_in_epoch"] == 6
+    assert training.trainer_load_checkpoint(saved(3), trainer(3), "c.pt")["train_iterator"]["iterations_in_epoch"] == 2
+    assert training.trainer_load_checkpoint(saved(3), trainer(2), "c.pt")["train_iterator"]["iterations_in_epoch"] == 3
+    assert training.trainer_load_checkpoint(saved(3), trainer(4, reset=True), "c.pt")["train_iterator"][
+        "iterations_in_epoch"] == 3  # --reset-dataloader: fairseq ignores the position
+    with pytest.raises(SystemExit, match=r"c.pt was saved inside epoch 3 after 6 batches \(3 on each of 2 ranks\); 4 ranks "
+                                         r"cannot resume exactly there: resume on a world size dividing 6"):
+        training.trainer_load_checkpoint(saved(3), trainer(4), "c.pt")
 
 
 def test_expert_parallel_ema_copy_is_saved_with_all_experts(tmp_path):
