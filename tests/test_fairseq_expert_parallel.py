@@ -385,3 +385,49 @@ def test_padding_batches_move_to_the_front_of_an_update_and_weigh_nothing():
                                                      "sample_size": 320, "moe_routed": torch.tensor(640), "note": "x"})
     assert size == 0 and log["ntokens"] == log["nsentences"] == log["sample_size"] == 0 and log["note"] == "x"
     assert log["loss"].item() == 0 and log["moe_routed"].item() == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["train", "eval-lm"])
+def test_a_stopped_rank_makes_the_other_exit_with_one_line(tmp_path, name):
+    """--moe-collective-timeout 6 under fairseq-train and fairseq-eval-lm (fairseq-generate: tests/
+    test_expert_parallel_generate.py, stopped and killed): rank 1 is stopped (SIGSTOP) once the model is built; rank 0
+    must leave its collective within the timeout plus the heartbeat check, with one last line naming rank 1."""
+    import signal
+    import time
+
+    from .helpers import ASSETS
+
+    if name == "train":
+        args = [str(a) for a in ARGS] + ["--max-update", "100000", "--save-dir", str(tmp_path), "--no-save",
+                                         "--ddp-backend", "legacy_ddp"]
+    else:
+        args = [os.path.join(ASSETS, "lm"), "--path", os.path.join(ASSETS, "checkpoints", "lm_moe", "checkpoint.pt"),
+                "--user-dir", USER_DIR, "--task", "moe_language_modeling", "--gen-subset", "test",
+                "--tokens-per-sample", "64", "--max-tokens", "64", "--cpu", "--moe-gating", "dynamic"]
+    port = _port()
+    procs = [subprocess.Popen(tool(name) + args + [
+        "--moe-collective-timeout", "6", "--distributed-world-size", "2", "--distributed-rank", str(r),
+        "--distributed-init-method", f"tcp://127.0.0.1:{port}", "--distributed-no-spawn", "--distributed-backend", "gloo",
+        "--device-id", "0"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for r in range(2)]
+    seen = []
+    try:
+        for line in procs[0].stdout:  # rank 0 logs this once the model (and the timeout) is set up
+            seen.append(line)
+            if "expert parallelism over 2 ranks" in line:
+                break
+        time.sleep(2.0)
+        os.kill(procs[1].pid, signal.SIGSTOP)
+        start = time.time()
+        out = procs[0].communicate(timeout=90)[0]
+        elapsed = time.time() - start
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert procs[0].returncode == 1, (seen + [out])[-30:]
+    last = out.strip().splitlines()[-1]
+    assert re.search(r"error: expert-parallel rank 0 of 2: rank 1 stopped taking part", last), out[-3000:]
+    assert "Traceback" not in out
+    assert elapsed < 6 + 2 * 4 + 10
