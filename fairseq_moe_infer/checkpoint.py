@@ -29,6 +29,7 @@ tools' ``--path checkpoint.pt`` loads the shards too.
 import argparse
 import collections
 import glob
+import json
 import os
 import pickle
 import re
@@ -387,19 +388,55 @@ def convert_fairseq_moe_branch(shared_path: str, out_path: str, num_shards: int 
     return save_serving_checkpoint(meta, model, out_path, num_shards)
 
 
+BRANCH_SETTINGS_KEY = "fairseq_moe_branch"  # cfg.model (and extra_state) of a converted checkpoint
+BRANCH_EVAL_CAPACITY_DEFAULT = 0.25  # fairseq's moe_eval_capacity_token_fraction default
+
+
+def branch_settings_of(model_cfg) -> Optional[Dict]:
+    """The fairseq MoE-branch settings a converted checkpoint stores in ``cfg.model`` (see
+    :func:`convert_fairseq_moe_branch`), as a plain dict; None for any other model config.
+    Read it before fairseq builds the model: for dataclass models fairseq drops the config keys
+    the dataclass lacks (``merge_with_parent(..., remove_missing=True)``)."""
+    stored = getattr(model_cfg, BRANCH_SETTINGS_KEY, None)
+    return None if stored is None else dict(json.loads(stored))
+
+
+def branch_eval_capacity_fraction(settings: Dict) -> Optional[float]:
+    """The evaluation capacity fraction of the branch's stored settings as this plugin's
+    ``--moe-eval-capacity-token-fraction`` (a negative fraction, the branch's "use the training
+    capacity", is 0 here, which means the same); None if none is stored."""
+    fraction = (settings or {}).get("moe_eval_capacity_token_fraction")
+    return None if fraction is None else max(float(fraction), 0.0)
+
+
 def branch_eval_args(settings: Dict) -> List[str]:
-    """The ``moe_*`` task flags that evaluate a converted checkpoint with the branch's stored
-    evaluation capacity (``extra_state["fairseq_moe_branch"]``; a negative fraction, the branch's
-    "use the training capacity", is 0 here)."""
-    fraction = settings.get("moe_eval_capacity_token_fraction")
-    if fraction is None:
-        return []
-    return ["--moe-eval-capacity-token-fraction", str(max(float(fraction), 0.0))]
+    """The ``moe_*`` task flag equal to the branch's stored evaluation capacity (printed by the
+    converter; the ``moe_*`` tasks apply the stored fraction by themselves unless the flag is given)."""
+    fraction = branch_eval_capacity_fraction(settings)
+    return [] if fraction is None else ["--moe-eval-capacity-token-fraction", str(fraction)]
+
+
+def _branch_moe_freq(get, decoder_only: bool) -> int:
+    """The branch's MoE-layer rule: encoder layer i is MoE if ``(i + 1) % max(encoder_moe_freq, moe_freq) == 0``,
+    decoder layers likewise with ``decoder_moe_freq`` (fairseq's ``transformer_encoder.py`` /
+    ``transformer_decoder.py``, options default 0); this plugin has one ``--moe-freq`` for both stacks."""
+    common = get("moe_freq") or 0
+    dec = max(get("decoder_moe_freq") or 0, common)
+    if decoder_only:
+        return dec
+    enc = max(get("encoder_moe_freq") or 0, common)
+    if enc != dec:
+        raise ValueError(f"the branch's MoE frequency is {enc} in the encoder and {dec} in the decoder (encoder_moe_freq="
+                         f"{get('encoder_moe_freq')}, decoder_moe_freq={get('decoder_moe_freq')}, moe_freq="
+                         f"{get('moe_freq')}): this plugin has one --moe-freq for both")
+    return enc
 
 
 def _rename_config(meta: Dict, num_experts: int) -> Dict:
-    """Rename the branch's config to this plugin's and carry its MoE settings; returns those settings
-    (``use_moe_pad_mask``, ``moe_capacity_factor``, ``moe_eval_capacity_token_fraction``, ``moe_freq``)."""
+    """Rename the branch's config to this plugin's and carry its MoE settings into ``cfg.model``;
+    returns those settings (``use_moe_pad_mask``, ``moe_capacity_factor``,
+    ``moe_eval_capacity_token_fraction``, ``moe_freq``, ``moe_batch_prioritized_routing``), which are
+    also stored (as JSON) in ``cfg.model.fairseq_moe_branch`` for the ``moe_*`` tasks to apply at load."""
     settings: Dict = {}
     cfg = meta.get("cfg") or {}
     for section, mapping in (("model", _ARCH_MAP), ("task", _TASK_MAP)):
@@ -415,18 +452,21 @@ def _rename_config(meta: Dict, num_experts: int) -> Dict:
         put("_name", mapping[base])
         if section == "model":
             put("arch", mapping[base])
-            enc, dec = get("encoder_moe_freq"), get("decoder_moe_freq")
-            if enc and dec and enc != dec:
-                raise ValueError(f"encoder_moe_freq={enc} != decoder_moe_freq={dec}: this plugin has one --moe-freq")
-            put("moe_freq", get("moe_freq") or enc or dec or 0)
+            put("moe_freq", _branch_moe_freq(get, decoder_only=base == "transformer_lm"))
             if num_experts and get("moe_expert_count") not in (None, num_experts):
                 raise ValueError(f"cfg says moe_expert_count={get('moe_expert_count')} but the rank files hold {num_experts}")
             put("moe_expert_count", num_experts or get("moe_expert_count"))
             # the branch routes padding unless --use-moe-pad-mask was given (its default: off)
             put("use_moe_pad_mask", bool(get("use_moe_pad_mask") or False))
-            # the branch's top-2 training capacity 2 * ceil(T / E) is capacity factor 1.0 here
+            # the branch's training capacity (top-2: 2 * ceil(T / E), top-1: ceil(T / E)) is capacity factor 1.0 here
             if get("moe_capacity_factor") is None:
                 put("moe_capacity_factor", 1.0)
+            if get("moe_eval_capacity_token_fraction") is None:
+                put("moe_eval_capacity_token_fraction", BRANCH_EVAL_CAPACITY_DEFAULT)
             for key in ("use_moe_pad_mask", "moe_capacity_factor", "moe_eval_capacity_token_fraction", "moe_freq"):
                 settings[key] = get(key)
+            settings["moe_batch_prioritized_routing"] = bool(get("moe_batch_prioritized_routing") or False)
+            # a JSON string: --model-overrides (fairseq's overwrite_args_by_name) rewrites same-named keys in nested
+            # configs, and the record must keep the stored values to tell the overridden ones apart
+            put(BRANCH_SETTINGS_KEY, json.dumps(settings, sort_keys=True))
     return settings

@@ -48,11 +48,12 @@ class MoEInferenceConfig(FairseqDataclass):
             "drops overflow) | dynamic (sorted by expert, exact counts, drops nothing)"
         },
     )
-    moe_eval_capacity_token_fraction: float = field(
-        default=0.25,
+    moe_eval_capacity_token_fraction: Optional[float] = field(
+        default=None,
         metadata={
             "help": "static gating at evaluation: capacity per expert = ceil(fraction * tokens in the batch) "
-            "(fairseq default 0.25; 0 = the training capacity factor); ignored by dynamic gating"
+            "(0 = the training capacity factor); ignored by dynamic gating. Default: the fraction a checkpoint "
+            "converted from fairseq's MoE branch stores (logged), else fairseq's 0.25"
         },
     )
     moe_stats_json: Optional[str] = field(
@@ -146,8 +147,59 @@ def apply_placement(model: nn.Module, placement: Placement) -> None:
         m.set_placement(LayerPlacement(placement.layers[name], m.num_experts, world))
 
 
-def configure_moe(model: nn.Module, cfg) -> Optional[MoERunReport]:
+def eval_capacity_fraction(cfg, branch: Optional[dict] = None) -> float:
+    """The evaluation capacity fraction in force: ``--moe-eval-capacity-token-fraction`` when given,
+    else the one stored by a checkpoint converted from fairseq's MoE branch (``branch``:
+    :func:`~fairseq_moe_infer.checkpoint.branch_settings_of`; logged), else fairseq's 0.25."""
+    from .checkpoint import BRANCH_EVAL_CAPACITY_DEFAULT, branch_eval_capacity_fraction
+
+    given = getattr(cfg, "moe_eval_capacity_token_fraction", None)
+    if given is not None:
+        return given
+    stored = branch_eval_capacity_fraction(branch)
+    return BRANCH_EVAL_CAPACITY_DEFAULT if stored is None else stored
+
+
+def log_branch_settings(model: nn.Module, cfg, branch: dict) -> None:
+    """One log line (and a warning where outputs cannot equal the branch's) saying which stored
+    fairseq MoE-branch settings of a converted checkpoint are in force, and which the command line
+    overrode (``--moe-eval-capacity-token-fraction``; model settings through ``--model-overrides``)."""
+    import logging
+
+    from .checkpoint import branch_eval_capacity_fraction
+
+    logger = logging.getLogger("fairseq_moe_infer")
+    layers = moe_layers(model)
+    parts = []
+    routed = layers[0].route_padding
+    stored_routed = branch.get("use_moe_pad_mask") is False
+    parts.append(f"use_moe_pad_mask={not routed} ({'padding routed' if routed else 'padding masked'}"
+                 + ("" if routed == stored_routed else "; overrides the stored " + str(not stored_routed)) + ")")
+    factor = layers[0].capacity_factor
+    stored_factor = branch.get("moe_capacity_factor")
+    overridden = "" if stored_factor in (None, factor) else f" (overrides the stored {stored_factor})"
+    parts.append(f"moe_capacity_factor={factor}{overridden}")
+    parts.append(f"moe_freq={branch.get('moe_freq')}")
+    stored_fraction = branch_eval_capacity_fraction(branch)
+    given = getattr(cfg, "moe_eval_capacity_token_fraction", None)
+    if given is None:
+        parts.append(f"moe_eval_capacity_token_fraction={stored_fraction}")
+    else:
+        parts.append(f"moe_eval_capacity_token_fraction={given} (--moe-eval-capacity-token-fraction; the stored "
+                     f"{stored_fraction} not applied)")
+    logger.info("checkpoint converted from fairseq's MoE branch: its stored settings apply: " + ", ".join(parts)
+                + " (override a model setting with --model-overrides)")
+    if branch.get("moe_batch_prioritized_routing"):
+        logger.warning("the branch ordered capacity slots by gate probability (moe_batch_prioritized_routing); static "
+                       "gating here fills them in token order: outputs equal the branch's only where nothing is dropped")
+
+
+def configure_moe(model: nn.Module, cfg, branch: Optional[dict] = None) -> Optional[MoERunReport]:
     """Apply the inference options to every :class:`MoELayer` of ``model``.
+
+    ``branch``: the stored settings of a checkpoint converted from fairseq's MoE branch
+    (:func:`~fairseq_moe_infer.checkpoint.branch_settings_of`), whose evaluation capacity fraction
+    applies unless ``--moe-eval-capacity-token-fraction`` is given (:func:`eval_capacity_fraction`).
 
     Returns:
         an :class:`MoERunReport` registered to print at exit, or None if the
@@ -159,8 +211,11 @@ def configure_moe(model: nn.Module, cfg) -> Optional[MoERunReport]:
     layers = moe_layers(model)
     if not layers:
         return None
+    fraction = eval_capacity_fraction(cfg, branch)
     for m in layers:
-        m.set_gating(cfg.moe_gating, cfg.moe_eval_capacity_token_fraction)
+        m.set_gating(cfg.moe_gating, fraction)
+    if branch is not None:
+        log_branch_settings(model, cfg, branch)
     if getattr(cfg, "moe_placement", None):
         try:
             apply_placement(model, load_placement(cfg.moe_placement))
@@ -170,7 +225,7 @@ def configure_moe(model: nn.Module, cfg) -> Optional[MoERunReport]:
         configure_buffering(model, cfg.moe_expert_buffer_size, cfg.moe_buffer_policy, cfg.moe_buffer_trace)
     if getattr(cfg, "moe_record_trace", None):
         TraceRecorder(model, cfg.moe_record_trace).register_atexit()
-    return MoERunReport(model, cfg.moe_gating, cfg.moe_eval_capacity_token_fraction, cfg.moe_stats_json).register_atexit()
+    return MoERunReport(model, cfg.moe_gating, fraction, cfg.moe_stats_json).register_atexit()
 
 
 __all__ = ["MoEInferenceConfig", "apply_placement", "configure_moe", "validate_inference_options", "MoEConfigError"]

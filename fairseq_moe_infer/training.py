@@ -23,7 +23,9 @@ gradient norm; this module supplies the rest:
   earlier version) still continues the update count and learning-rate schedule of its
   optimizer history, with a warning that the moments start fresh;
 * **equal batch counts** -- fairseq pads every rank's shard with dummy batches,
-  which run the forward pass (and its all-to-alls) with zero loss weight.
+  which run the forward pass (and its all-to-alls) with zero loss weight; a dummy batch at the
+  end of an update no longer makes fairseq drop the sample size of that update's real batches
+  (:func:`train_step`).
 
 Raises (as one-line ``SystemExit`` from the task): ``--fp16`` with flattened
 fp32 gradients (the expert marker is lost: pass ``--fp16-no-flatten-grads``),
@@ -43,6 +45,7 @@ from .moe import EXPERT_PARAMS, Experts, gather_expert_stack, is_expert_param, m
 logger = logging.getLogger(__name__)
 
 _ignore_attr = "_ddp_params_and_buffers_to_ignore"
+SAVED_WORLD_SIZE_KEY = "moe_data_parallel_world_size"  # extra_state: the world size a checkpoint was saved on
 
 
 def expert_parallel_world(model: nn.Module) -> int:
@@ -253,6 +256,44 @@ def local_expert_share(model: nn.Module, state_dict: Dict[str, torch.Tensor]) ->
 # ---- the wraps of fairseq functions (installed by fairseq_moe_infer.fairseq_patches) --------------
 
 
+def _is_padding_batch(sample) -> bool:
+    """fairseq's test for the empty batch it pads a rank's share of an epoch with
+    (``Trainer._prepare_sample`` turns it into a dummy forward)."""
+    return sample is None or len(sample) == 0
+
+
+def weightless_dummy_batch(sample_size, logging_output: dict) -> Tuple[int, dict]:
+    """The sample size (0) and logging output (every number zeroed) a dummy batch contributes.
+
+    A dummy batch (fairseq's ``ignore_grad`` forward on a rank whose share of the epoch ran out)
+    already has its loss multiplied by 0; fairseq would still add its sample size and log its loss
+    unless it is the last batch of the update. The ``moe_*`` tasks return these instead, so a dummy
+    weighs nothing wherever it sits in an update (needed by :func:`train_step`)."""
+    zeroed = {k: v * 0 if torch.is_tensor(v) or (isinstance(v, (int, float)) and not isinstance(v, bool)) else v
+              for k, v in logging_output.items()}
+    return 0, zeroed
+
+
+def train_step(original, trainer, samples, raise_oom=False):
+    """Wraps ``fairseq.trainer.Trainer.train_step`` (one update over ``--update-freq`` batches).
+
+    fairseq pads a rank's share of an epoch with empty batches so that all ranks make the same
+    number of forwards (every MoE forward is an all-to-all). When such a padding batch ends an update
+    that also holds real batches (world size not dividing the epoch's batch count, ``--update-freq``
+    > 1), fairseq's ``train_step`` takes the whole update for a dummy: it zeroes the rank's summed
+    sample size and drops its logging outputs, so every rank divides the gradients of the real batches
+    by too small a sample size (seen: a 1->2-rank resume diverged from a one-process resume). Under a
+    ``moe_*`` task (dummies weigh nothing there: :func:`weightless_dummy_batch`) the padding batches
+    are moved to the front of the update; then the last batch is real and fairseq sums the real
+    batches' sample sizes and logs them. An update of padding batches only is left as fairseq runs it.
+    """
+    if getattr(trainer.task, "weightless_dummy_batches", False):
+        padding = [s for s in samples if _is_padding_batch(s)]
+        if padding and len(padding) < len(samples):
+            samples = padding + [s for s in samples if not _is_padding_batch(s)]
+    return original(trainer, samples, raise_oom)
+
+
 def save_checkpoint(original, cfg, trainer, epoch_itr, val_loss):
     """Wraps ``fairseq.checkpoint_utils.save_checkpoint`` (called by every rank of
     ``fairseq-train``; only rank 0 writes): under expert parallelism the ranks first gather their
@@ -281,14 +322,44 @@ def save_checkpoint(original, cfg, trainer, epoch_itr, val_loss):
 def trainer_state_dict(original, trainer) -> dict:
     """Wraps ``fairseq.trainer.Trainer.state_dict`` (rank 0 builds the checkpoint with it): puts
     in the optimizer state and fp32 EMA copy gathered by :func:`save_checkpoint`; fairseq would
-    save rank 0's own (its experts only, wrong for every other rank)."""
+    save rank 0's own (its experts only, wrong for every other rank). Also records the data-parallel
+    world size in ``extra_state`` (for :func:`trainer_load_checkpoint`)."""
     out = original(trainer)
+    if moe_layers(trainer.model) and isinstance(out.get("extra_state"), dict):
+        out["extra_state"][SAVED_WORLD_SIZE_KEY] = trainer.data_parallel_world_size  # read by trainer_load_checkpoint
     gathered = getattr(trainer, "_moe_gathered", None) or {}
     if gathered.get("optimizer") is not None and "last_optimizer_state" in out:
         out["last_optimizer_state"] = gathered["optimizer"]
     if gathered.get("ema_fp32") is not None and "ema_fp32_params" in out.get("extra_state", {}):
         out["extra_state"]["ema_fp32_params"] = gathered["ema_fp32"]
     return out
+
+
+def trainer_load_checkpoint(original, trainer, filename, *args, **kwargs):
+    """Wraps ``fairseq.trainer.Trainer.load_checkpoint`` (returns the checkpoint's ``extra_state``, whose
+    ``train_iterator`` then positions the epoch iterator): a checkpoint saved inside an epoch on N ranks
+    stores ``iterations_in_epoch`` = n batches per rank, i.e. the epoch's first n * N batches (rank r had
+    batches r, r + N, ...). fairseq applies n to each rank's shard on any world size M, so M != N skipped
+    (M > N) or repeated (M < N) batches silently, or failed with 'dataloader mismatch'. Here each of the M
+    ranks skips n * N / M batches, which is again exactly the first n * N of the epoch (logged); when M
+    does not divide n * N the run stops with one line. Checkpoints without the saved world size
+    (:func:`trainer_state_dict` records it) are left as fairseq reads them."""
+    extra_state = original(trainer, filename, *args, **kwargs)
+    itr = (extra_state or {}).get("train_iterator") or {}
+    saved, n = (extra_state or {}).get(SAVED_WORLD_SIZE_KEY), itr.get("iterations_in_epoch", 0)
+    world = trainer.data_parallel_world_size
+    if not n or not saved or saved == world or trainer.cfg.checkpoint.reset_dataloader:
+        return extra_state
+    done = n * saved
+    if done % world:
+        exit_with_error(
+            f"{filename} was saved inside epoch {itr.get('epoch')} after {done} batches ({n} on each of {saved} ranks); "
+            f"{world} ranks cannot resume exactly there: resume on a world size dividing {done}, or pass "
+            "--reset-dataloader to restart the epoch")
+    itr["iterations_in_epoch"] = done // world
+    logger.info(f"resuming inside epoch {itr.get('epoch')} on {world} ranks (saved on {saved}): each rank skips "
+                f"{done // world} batches, the {done} batches of the epoch done before")
+    return extra_state
 
 
 def ema_build_fp32_params(original, ema, state_dict=None):

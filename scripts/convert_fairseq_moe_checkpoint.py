@@ -2,9 +2,11 @@
 """Convert a checkpoint of fairseq's MoE branch (``<name>-shared.pt`` + ``<name>-rank-<r>.pt``)
 into this plugin's layout, loadable by the stock tools with ``--user-dir`` and ``--path``.
 
-The branch's stored MoE settings are carried into the config (``use_moe_pad_mask``: padding routed
-unless the branch used --use-moe-pad-mask; capacity factor; MoE frequency); its evaluation capacity
-fraction is a task flag here: the printed ``eval_args`` give it.
+The branch's stored MoE settings are carried into the config and applied whenever the ``moe_*`` tasks
+load the result (logged): ``use_moe_pad_mask`` (padding routed unless the branch used --use-moe-pad-mask),
+the capacity factor, the MoE-layer frequency (the branch's max(encoder/decoder_moe_freq, moe_freq)) and the
+evaluation capacity fraction; ``--moe-eval-capacity-token-fraction`` (and ``--model-overrides`` for the model
+settings) given on the command line win. The printed ``eval_args`` are the flag equal to the stored fraction.
 
 Example:
     python scripts/convert_fairseq_moe_checkpoint.py moe_lm/model-shared.pt --out serve/checkpoint.pt --expert-shards 4

@@ -5,11 +5,17 @@ import os
 
 from .. import expert_parallel_generate as ep_generate
 from ..bounded_waits import bound_collective_waits
+from ..checkpoint import branch_settings_of
 from ..cli import exit_with_error
 from ..inference import configure_moe
 from ..models.validation import cli_errors
 from ..moe import moe_layers
-from ..training import check_expert_grads_finite, check_training_setup, prepare_expert_parallel_training
+from ..training import (
+    check_expert_grads_finite,
+    check_training_setup,
+    prepare_expert_parallel_training,
+    weightless_dummy_batch,
+)
 
 
 class MoETaskMixin:
@@ -21,7 +27,10 @@ class MoETaskMixin:
     interactive, ``--eval-bleu`` validation) runs in a
     :class:`~fairseq_moe_infer.expert_parallel_generate.MoELockstep`, and
     ``--moe-collective-timeout`` bounds every collective wait
-    (:mod:`fairseq_moe_infer.bounded_waits`)."""
+    (:mod:`fairseq_moe_infer.bounded_waits`). A dummy batch (``ignore_grad``) returns sample size 0
+    and a zeroed logging output (:func:`~fairseq_moe_infer.training.weightless_dummy_batch`)."""
+
+    weightless_dummy_batches = True  # read by fairseq_moe_infer.training.train_step
 
     def load_dataset(self, split, *args, **kwargs):
         """fairseq's loading; an empty split ends the tool with one line (fairseq failed in mmap with
@@ -39,11 +48,12 @@ class MoETaskMixin:
         return result
 
     def build_model(self, cfg, from_checkpoint=False):
+        branch = branch_settings_of(cfg)  # a converted fairseq MoE-branch checkpoint's settings (fairseq drops the key)
         model = super().build_model(cfg, from_checkpoint)
         task_cfg = self.cfg if getattr(self, "cfg", None) is not None else self.args
         bound_collective_waits(getattr(task_cfg, "moe_collective_timeout", 0.0))  # before any MoE collective
         with cli_errors():  # a bad --moe-* value for this model (e.g. buffer size, trace): one line
-            configure_moe(model, task_cfg)
+            configure_moe(model, task_cfg, branch)
         prepare_expert_parallel_training(model)
         ep_generate.note_built_model(model)
         return model
@@ -65,7 +75,10 @@ class MoETaskMixin:
                                 "fairseq-eval-lm); drop it when training")
             check_training_setup(model, optimizer)
             self._moe_setup_checked = True
-        return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
+        loss, sample_size, logging_output = super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
+        if ignore_grad:  # fairseq's dummy batch (a rank's share of the epoch ran out): it weighs nothing
+            sample_size, logging_output = weightless_dummy_batch(sample_size, logging_output)
+        return loss, sample_size, logging_output
 
     def optimizer_step(self, optimizer, model, update_num):
         check_expert_grads_finite(model, optimizer)

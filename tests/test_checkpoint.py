@@ -1,6 +1,7 @@
 """Serving checkpoints: expert shards, tied weights, torch's weights-only allow-list."""
 
 import argparse
+import math
 import os
 import shutil
 
@@ -271,3 +272,93 @@ def test_arbitrary_callable_is_refused_naming_class_and_file(tmp_path):
     (tmp_path / "notes.txt").write_text("hello world\n")
     with pytest.raises(CheckpointError, match=r"notes.txt is not a torch checkpoint"):
         checkpoint_utils.load_checkpoint_to_cpu(str(tmp_path / "notes.txt"))
+
+
+def _load_like_eval_lm(path, extra=()):
+    """The model(s) fairseq-eval-lm builds: its own parser, the task from the command line, --model-overrides."""
+    from fairseq import options, tasks
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    from .helpers import USER_DIR
+
+    args = options.parse_args_and_arch(options.get_eval_lm_parser(), [
+        os.path.join(ASSETS, "lm"), "--user-dir", USER_DIR, "--task", "moe_language_modeling", "--path", str(path),
+        "--moe-gating", "static", "--tokens-per-sample", "64"] + list(extra))
+    cfg = convert_namespace_to_omegaconf(args)
+    models, _, _ = checkpoint_utils.load_model_ensemble_and_task(
+        [cfg.common_eval.path], arg_overrides=eval(cfg.common_eval.model_overrides), task=tasks.setup_task(cfg.task))
+    return models[0].eval()
+
+
+@pytest.mark.parametrize("fraction,factor", [(0.1, None), (-1.0, 1.5)])
+def test_converted_branch_settings_apply_at_load_and_give_the_branch_routing(tmp_path, caplog, fraction, factor):
+    """A branch checkpoint with non-default settings: padding routed (no use_moe_pad_mask: the branch's default),
+    evaluation capacity fraction 0.1 (or -1, the branch's "training capacity", with a fork's capacity factor 1.5),
+    MoE layers by decoder_moe_freq=2 with moe_freq=0 (an LM ignores encoder_moe_freq=4), deterministic second
+    expert. Converted, then loaded as fairseq-eval-lm loads it (no --moe-* flag but --moe-gating static): the layers
+    route padding and cap each expert at ceil(0.1 T) (int(1.5 * 2 * ceil(T / E))), with a log line, and each MoE
+    layer's output in a forward of a padded batch equals the float64 per-token reference of that rule
+    (tests/reference.py: padding routed like real tokens). Flags given on the command line win. Before: 0.25 unless
+    the printed eval_args were copied by hand; decoder_moe_freq with another encoder_moe_freq was refused."""
+    from tests.reference import reference_moe
+
+    _branch_layout(tmp_path, 2)
+    shared = torch.load(tmp_path / "model-shared.pt", weights_only=False)
+    shared["cfg"]["model"].update(moe_freq=0, decoder_moe_freq=2, encoder_moe_freq=4, moe_second_expert_policy="all",
+                                  moe_gating_use_fp32=False, moe_eval_capacity_token_fraction=fraction)
+    shared["cfg"]["model"].pop("moe_capacity_factor")
+    if factor is not None:
+        shared["cfg"]["model"]["moe_capacity_factor"] = factor
+    torch.save(shared, tmp_path / "model-shared.pt")
+    from fairseq_moe_infer.checkpoint import convert_fairseq_moe_branch
+
+    convert_fairseq_moe_branch(str(tmp_path / "model-shared.pt"), str(tmp_path / "c.pt"))
+    with caplog.at_level("INFO", logger="fairseq_moe_infer"):
+        model = _load_like_eval_lm(tmp_path / "c.pt").double()
+    layers = moe_layers(model)
+    assert len(layers) == 2 and all(m.route_padding for m in layers)
+    assert all(m.dispatcher.eval_capacity_token_fraction == max(fraction, 0.0) for m in layers)
+    assert all(m.capacity_factor == (factor or 1.0) for m in layers)
+    line = next(r.getMessage() for r in caplog.records if "converted from fairseq's MoE branch" in r.getMessage())
+    assert f"moe_eval_capacity_token_fraction={max(fraction, 0.0)}" in line and "padding routed" in line, line
+
+    seen = []
+    hooks = [m.register_forward_hook(lambda mod, inp, out: seen.append((mod, inp[0], inp[1], out))) for m in layers]
+    tokens = torch.randint(4, 8000, (3, 24), generator=torch.Generator().manual_seed(0))
+    tokens[0, 16:] = tokens[2, 10:] = 1  # padding (LM batches are right-padded)
+    with torch.no_grad():
+        model(tokens)
+    for h in hooks:
+        h.remove()
+    assert len(seen) == 2
+    E = 16
+    for layer, x, pad, y in seen:
+        flat = x.reshape(-1, x.shape[-1])
+        T = flat.shape[0]  # padding counts: the branch routes it
+        capacity = math.ceil(0.1 * T) if fraction > 0 else int(factor * 2 * math.ceil(T / E))
+        ref, dropped, _ = reference_moe(layer, flat, None, capacity=capacity)
+        assert pad.sum() == 8 + 14 and dropped > 0
+        torch.testing.assert_close(y.reshape(T, -1), ref, rtol=0, atol=1e-9)
+
+    caplog.clear()
+    with caplog.at_level("INFO", logger="fairseq_moe_infer"):
+        model = _load_like_eval_lm(tmp_path / "c.pt", ["--moe-eval-capacity-token-fraction", "0.5",
+                                                      "--model-overrides", "{'use_moe_pad_mask': True}"])
+    layers = moe_layers(model)
+    assert all(not m.route_padding and m.dispatcher.eval_capacity_token_fraction == 0.5 for m in layers)
+    line = next(r.getMessage() for r in caplog.records if "converted from fairseq's MoE branch" in r.getMessage())
+    assert "overrides the stored False" in line and "the stored" in line.split("moe_eval_capacity_token_fraction=0.5")[1]
+
+
+def test_branch_moe_frequency_rule():
+    """fairseq's MoE branch: encoder layer i is MoE if (i + 1) % max(encoder_moe_freq, moe_freq) == 0, decoder layers
+    likewise with decoder_moe_freq (defaults 0); an LM has only the decoder rule. Hand-made configs."""
+    from fairseq_moe_infer.checkpoint import _branch_moe_freq
+
+    assert _branch_moe_freq({"moe_freq": 2}.get, decoder_only=False) == 2
+    assert _branch_moe_freq({"moe_freq": 2, "decoder_moe_freq": 4}.get, decoder_only=True) == 4
+    assert _branch_moe_freq({"decoder_moe_freq": 2, "encoder_moe_freq": 4}.get, decoder_only=True) == 2
+    assert _branch_moe_freq({"encoder_moe_freq": 2, "decoder_moe_freq": 2, "moe_freq": 1}.get, decoder_only=False) == 2
+    assert _branch_moe_freq({}.get, decoder_only=False) == 0
+    with pytest.raises(ValueError, match="MoE frequency is 2 in the encoder and 0 in the decoder"):
+        _branch_moe_freq({"encoder_moe_freq": 2}.get, decoder_only=False)  # a dense decoder: not expressible here

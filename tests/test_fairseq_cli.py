@@ -196,3 +196,40 @@ def test_eval_lm_eos_break_mode_and_interactive_lm(lm_checkpoint):
     out = ok(run("interactive", [TINY_LM, "--user-dir", USER_DIR, "--task", "moe_language_modeling", "--path", ckpt,
                                  "--moe-gating", "dynamic", "--beam", "1", "--max-len-b", "5"], stdin="the man\n"))
     assert len([line for line in out.splitlines() if line.startswith("H-0")]) == 1
+
+
+def _built_from_command_line(argv):
+    """fairseq-train's own parsing (``options.parse_args_and_arch`` + the config conversion its ``cli_main`` does)
+    and the model the task builds from it."""
+    from fairseq import options, tasks
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    args = options.parse_args_and_arch(options.get_training_parser(), argv)
+    cfg = convert_namespace_to_omegaconf(args)
+    return cfg, tasks.setup_task(cfg.task).build_model(cfg.model)
+
+
+@pytest.mark.parametrize("model", ["lm", "mt"])
+def test_use_moe_pad_mask_takes_true_or_false_on_the_command_line(model, capsys):
+    """fairseq's MoE branch's --use-moe-pad-mask: bare or True masks padding out of routing, False routes it (the
+    branch's default); unset is this plugin's default, masked. fairseq made the bool field a bare store_true flag, so
+    '--use-moe-pad-mask False' ended in 'unrecognized arguments: False'."""
+    from fairseq_moe_infer.moe import moe_layers
+
+    if model == "lm":
+        base = [TINY_LM, "--task", "moe_language_modeling", "--arch", "transformer_lm_moe_small"]
+    else:
+        base = [TINY_MT, "--task", "moe_translation", "--arch", "transformer_moe_small", "--source-lang", "src",
+                "--target-lang", "tgt"]
+    base += ["--user-dir", USER_DIR, "--moe-expert-count", "4", "--moe-freq", "2"]
+    # (flags, value stored in cfg.model, padding routed)
+    for flag, stored, routed in (([], None, False), (["--use-moe-pad-mask"], True, False),
+                                 (["--use-moe-pad-mask", "False"], False, True), (["--use-moe-pad-mask", "true"], True, False)):
+        cfg, built = _built_from_command_line(base + flag)
+        assert cfg.model.use_moe_pad_mask == stored, flag  # what fairseq-train saves in the checkpoint's cfg
+        layers = moe_layers(built)
+        assert layers and all(m.route_padding is routed for m in layers), flag
+    with pytest.raises(SystemExit):
+        _built_from_command_line(base + ["--use-moe-pad-mask", "maybe"])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "argument --use-moe-pad-mask: expected True or False, got 'maybe'" in last, last

@@ -1,5 +1,6 @@
 """Model options of the MoE architectures (``--moe-*`` model flags)."""
 
+import argparse
 from dataclasses import dataclass, field, fields
 from typing import Optional
 
@@ -55,10 +56,11 @@ class MoEModelConfig(FairseqDataclass):
     use_moe_pad_mask: Optional[bool] = field(
         default=None,
         metadata={
-            "help": "mask padding tokens out of routing (fairseq MoE branch's flag). Unset: masked, this plugin's "
-            "default. False (stored by scripts/convert_fairseq_moe_checkpoint.py for branch checkpoints trained "
-            "with the branch's default, or --model-overrides \"{'use_moe_pad_mask': False}\"): padding is routed "
-            "like real tokens, takes capacity slots and counts in the balancing loss, as in the branch"
+            "help": "[True|False] mask padding tokens out of routing (fairseq MoE branch's flag; the bare flag means "
+            "True). Unset: masked, this plugin's default. False (the branch's default, stored by "
+            "scripts/convert_fairseq_moe_checkpoint.py for branch checkpoints trained without the flag; at "
+            "evaluation --model-overrides \"{'use_moe_pad_mask': False}\"): padding is routed like real tokens, "
+            "takes capacity slots and counts in the balancing loss, as in the branch"
         },
     )
     moe_gating: str = field(
@@ -72,6 +74,33 @@ class MoEModelConfig(FairseqDataclass):
 
 
 MOE_FIELDS = [f for f in fields(MoEModelConfig) if not f.name.startswith("_")]
+
+
+def parse_bool(text: str) -> bool:
+    """``True``/``False`` (also ``true``/``false``, ``1``/``0``) as a command-line value.
+
+    Raises:
+        argparse.ArgumentTypeError: anything else (argparse prints it on one line with the flag's name).
+    """
+    value = {"true": True, "1": True, "false": False, "0": False}.get(text.strip().lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(
+            f"expected True or False, got '{text}' (the bare flag means True; put it after the data folder "
+            "or give it a value)")
+    return value
+
+
+def add_pad_mask_argument(parser) -> None:
+    """Add ``--use-moe-pad-mask [True|False]`` (fairseq's MoE branch's flag, same name and meaning).
+
+    fairseq turns a bool dataclass field into a bare ``store_true`` flag, so ``--use-moe-pad-mask
+    False`` could not be given and a model could not be trained with padding routed (the branch's
+    default) from the command line. Call it before fairseq adds the dataclass's options: fairseq
+    then skips its own conflicting flag (``gen_parser_from_dataclass`` ignores ``ArgumentError``).
+    The bare flag still means True, as in the branch."""
+    f = next(f for f in MOE_FIELDS if f.name == "use_moe_pad_mask")
+    parser.add_argument("--use-moe-pad-mask", type=parse_bool, nargs="?", const=True, metavar="BOOL",
+                        help=f.metadata["help"])
 
 
 def set_moe_defaults(args) -> None:

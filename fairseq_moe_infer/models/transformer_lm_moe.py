@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from fairseq.models import register_model, register_model_architecture
 from fairseq.models.transformer_lm import TransformerLanguageModel, TransformerLanguageModelConfig, base_lm_architecture
 
-from .moe_config import MoEModelConfig, set_moe_defaults, validate_moe_args
+from .moe_config import MoEModelConfig, add_pad_mask_argument, set_moe_defaults, validate_moe_args
 from .moe_transformer_layer import convert_to_moe
 from .validation import cli_errors
 
@@ -21,6 +21,11 @@ class TransformerLanguageModelMoE(TransformerLanguageModel):
 
     ``--moe-freq 0`` gives the dense model of the same shape (the baseline).
     """
+
+    @classmethod
+    def add_args(cls, parser):
+        add_pad_mask_argument(parser)  # first: --use-moe-pad-mask [True|False]; fairseq skips its bare flag
+        super().add_args(parser)
 
     @classmethod
     def build_model(cls, args, task):

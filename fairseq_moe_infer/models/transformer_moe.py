@@ -4,7 +4,7 @@ from fairseq.dataclass.utils import gen_parser_from_dataclass
 from fairseq.models import register_model, register_model_architecture
 from fairseq.models.transformer import TransformerModel, base_architecture
 
-from .moe_config import MoEModelConfig, set_moe_defaults, validate_moe_args
+from .moe_config import MoEModelConfig, add_pad_mask_argument, set_moe_defaults, validate_moe_args
 from .moe_transformer_layer import convert_to_moe
 from .validation import cli_errors
 
@@ -17,6 +17,7 @@ class TransformerMoEModel(TransformerModel):
     @classmethod
     def add_args(cls, parser):
         super().add_args(parser)
+        add_pad_mask_argument(parser)  # before the dataclass's bare flag, which fairseq then skips
         gen_parser_from_dataclass(parser, MoEModelConfig(), delete_default=True)
 
     @classmethod
