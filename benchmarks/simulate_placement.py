@@ -12,7 +12,10 @@ The measure is the per-batch max/mean GPU load (``step_max_over_mean`` of
 steps of all MoE layers of a stack, over the balanced time), per stack (LM decoder, MT encoder,
 MT decoder). Time is taken as proportional to tokens (the paper's assumption).
 
-Also, per trace and layer, greedy planned on that trace itself against the best placement
+``greedy+ls`` / ``anti_correlation+ls``: those plans refined by the swap local search on the
+planning data (:func:`~fairseq_moe_infer.placement_planner.refine_by_swaps`).
+
+Also, per trace and layer, greedy (and greedy + local search) planned on that trace itself against the best placement
 without replication (:func:`~fairseq_moe_infer.placement_planner.best_balance_bound`, exact
 integer program or a lower bound), for the "greedy within 2% of the best" goal.
 
@@ -38,7 +41,13 @@ from benchmarks.common import run_info, write_json  # noqa: E402
 from fairseq_moe_infer import placement_planner as pp  # noqa: E402
 
 GPUS = (2, 4, 8, 16, 64)
-POLICIES = ("contiguous", "greedy", "anti_correlation", "replicate")
+POLICIES = ("contiguous", "greedy", "anti_correlation", "replicate", "greedy+ls", "anti_correlation+ls")
+
+
+def _plan(policy: str, counts: dict, g: int, s: int):
+    """``greedy+ls``: greedy refined by the swap local search (placement_planner.refine_by_swaps)."""
+    base, _, ls = policy.partition("+")
+    return pp.plan_placement(base, counts, g, s, local_search=bool(ls))
 
 
 def _models(folder: str) -> dict:
@@ -79,7 +88,7 @@ def simulate(models: dict, bound_time_s: float) -> dict:
                     base = -(-e // g)
                     for s in (base, base + 1):
                         for policy in POLICIES:
-                            placement = pp.plan_placement(policy, train, g, s)
+                            placement = _plan(policy, train, g, s)
                             results["held_out"].append({
                                 "model": model, "mode": mode, "held_out": label, "planned_on": plan_on, "gpus": g,
                                 "slots": s, "policy": policy, "held_out_ratio": _stack_ratio(placement, test),
@@ -89,13 +98,18 @@ def simulate(models: dict, bound_time_s: float) -> dict:
                     continue
                 for name, c in counts[label].items():
                     t0 = time.time()
-                    greedy = pp.load_ratios(pp.gpu_loads(c, pp.plan_layer("greedy", c, g, e // g), g))["step_max_over_mean"]
+                    def ratio(plan):
+                        return pp.load_ratios(pp.gpu_loads(c, plan, g))["step_max_over_mean"]
+
+                    greedy = ratio(pp.plan_layer("greedy", c, g, e // g))
+                    refined = ratio(pp.plan_layer("greedy", c, g, e // g, local_search=True))
                     b = pp.best_balance_bound(c, g, e // g, time_limit_s=bound_time_s)
                     results["greedy_vs_best"].append({
                         "model": model, "trace": label, "layer": name, "gpus": g, "slots": e // g, "greedy": greedy,
-                        **b, "greedy_over_bound": greedy / b["bound"], "solve_s": round(time.time() - t0, 1)})
-                    print(f"{model} {label} {name} G={g}: greedy {greedy:.3f}, best {'=' if b['exact'] else '>='} "
-                          f"{b['bound']:.3f}", flush=True)
+                        "greedy_local_search": refined, **b, "greedy_over_bound": greedy / b["bound"],
+                        "greedy_local_search_over_bound": refined / b["bound"], "solve_s": round(time.time() - t0, 1)})
+                    print(f"{model} {label} {name} G={g}: greedy {greedy:.3f}, + local search {refined:.3f}, best "
+                          f"{'=' if b['exact'] else '>='} {b['bound']:.3f}", flush=True)
     return results
 
 
@@ -109,7 +123,8 @@ def plot(results: dict, path: str) -> None:
     panels = sorted({(r["model"], stack) for r in results["held_out"] for stack in r["held_out_ratio"]})
     modes = ("same_set", "other_sets")
     fig, axes = plt.subplots(len(modes), len(panels), figsize=(4.2 * len(panels), 3.4 * len(modes)), squeeze=False)
-    colors = {"contiguous": "tab:gray", "greedy": "tab:blue", "anti_correlation": "tab:green", "replicate": "tab:red"}
+    colors = {"contiguous": "tab:gray", "greedy": "tab:blue", "anti_correlation": "tab:green", "replicate": "tab:red",
+              "greedy+ls": "tab:purple", "anti_correlation+ls": "tab:olive"}
     for (row, mode), (col, (model, stack)) in ((m, c) for m in enumerate(modes) for c in enumerate(panels)):
         ax = axes[row][col]
         for spare, style in ((0, "-"), (1, "--")):

@@ -24,6 +24,9 @@ Policies (:data:`POLICIES`):
   (heaviest first onto the least-loaded GPU with a free slot, never two replicas of one expert
   on one GPU while another GPU has room).
 
+Any policy's plan can then be refined by :func:`refine_by_swaps` (``--local-search``): swaps of
+two slots' experts that lower the per-step objective, the one greedy does not look at.
+
 Metrics: :func:`gpu_loads` simulates the even replica split; :func:`load_ratios` gives
 per-batch max/mean GPU load. :func:`best_balance_bound` is the best ``step_max_over_mean`` any
 placement without replication can reach (exact by integer programming, or a lower bound when the
@@ -114,6 +117,107 @@ def replicate(counts: np.ndarray, gpus: int, slots: int) -> Plan:
     return greedy(counts, gpus, slots)
 
 
+def refine_by_swaps(counts: np.ndarray, plan: Sequence[int], gpus: int, restarts: int = 10,
+                    time_limit_s: float = 5.0, seed: int = 0) -> Plan:
+    """Iterated local search on the per-step objective (beyond the paper): :func:`_swap_descent`
+    from ``plan``, then ``restarts`` times from the best plan so far with a few random swaps
+    applied (a seeded ``numpy`` generator: deterministic), keeping the best; stops early at
+    ``time_limit_s`` seconds. Never worse than ``plan``.
+
+    Args:
+        counts: [B, E] per-batch tokens per logical expert.
+        plan: G * S logical experts (slot g * S + j on GPU g), e.g. :func:`greedy`'s.
+
+    Returns:
+        the refined plan (a new list of G * S ints).
+    """
+    import time
+
+    t0 = time.perf_counter()
+    counts = np.asarray(counts, dtype=np.float64)
+    counts = counts[counts.sum(1) > 0]
+    if counts.shape[0] == 0 or gpus < 2:
+        return [int(e) for e in plan]
+
+    def cost(p):
+        return gpu_loads(counts, p, gpus).max(1).sum()
+
+    best = _swap_descent(counts, plan, gpus, time_limit_s)
+    best_cost = cost(best)
+    rng = np.random.default_rng(seed)
+    slots = len(plan) // gpus
+    for _ in range(restarts):
+        if time.perf_counter() - t0 > time_limit_s:
+            break
+        p = list(best)
+        for _ in range(max(2, len(p) // 8)):  # a kick: random swaps between GPUs (duplicates allowed for now)
+            a, b = rng.integers(len(p), size=2)
+            if a // slots != b // slots:
+                p[a], p[b] = p[b], p[a]
+        if any(len(set(p[g * slots:(g + 1) * slots])) < len(set(best[g * slots:(g + 1) * slots])) for g in range(gpus)):
+            continue  # the kick put two replicas of one expert on one GPU
+        p = _swap_descent(counts, p, gpus, time_limit_s - (time.perf_counter() - t0))
+        c = cost(p)
+        if c < best_cost - 1e-9 * best_cost:
+            best, best_cost = p, c
+    return best
+
+
+def _swap_descent(counts: np.ndarray, plan: Sequence[int], gpus: int, time_limit_s: float,
+                  max_rounds: int = 50) -> Plan:
+    """Steepest-descent swaps for :func:`refine_by_swaps` (``counts`` [B, E] float64 without empty
+    batches): repeatedly swap the experts of
+    two slots on different GPUs when that lowers ``sum_b max_g load[b, g]`` (the slowest GPU's
+    tokens summed over the steps; the balanced part ``sum_b mean_g`` does not depend on the plan),
+    taking the best swap for each slot in turn, until no swap helps, ``max_rounds`` passes or
+    ``time_limit_s`` seconds. Every GPU keeps its slot count, a swap never puts two replicas of
+    one expert on one GPU, and the result is never worse than ``plan`` (greedy balances the run
+    totals; the steps are what set the time, see :func:`load_ratios`). Deterministic: slots
+    are visited in order, ties keep the current plan."""
+    import time
+
+    plan = [int(e) for e in plan]
+    slots = len(plan) // gpus
+    n = np.bincount(plan, minlength=counts.shape[1]).astype(np.float64)
+    per = counts / np.maximum(n, 1)  # [B, E] one replica's load
+    load = gpu_loads(counts, plan, gpus)  # [B, G]
+    t0 = time.perf_counter()
+    for _ in range(max_rounds):
+        improved = False
+        for a in range(len(plan)):
+            ga, ea = a // slots, plan[a]
+            best = (0.0, None)
+            current = load.max(1)
+            for gb in range(gpus):
+                if gb == ga:
+                    continue
+                others = np.delete(load, [ga, gb], axis=1).max(1) if gpus > 2 else np.zeros(load.shape[0])
+                cand = [b for b in range(gb * slots, (gb + 1) * slots)
+                        if plan[b] != ea and plan[b] not in plan[ga * slots:(ga + 1) * slots]
+                        and ea not in plan[gb * slots:(gb + 1) * slots]]
+                if not cand:
+                    continue
+                pb = per[:, [plan[b] for b in cand]]  # [B, c]
+                col_a = load[:, ga:ga + 1] - per[:, ea:ea + 1] + pb
+                col_b = load[:, gb:gb + 1] + per[:, ea:ea + 1] - pb
+                new = np.maximum(np.maximum(col_a, col_b), others[:, None]).sum(0) - current.sum()
+                i = int(np.argmin(new))
+                if new[i] < best[0] - 1e-9 * current.sum():
+                    best = (float(new[i]), cand[i])
+            if best[1] is not None:
+                b = best[1]
+                gb, eb = b // slots, plan[b]
+                load[:, ga] += per[:, eb] - per[:, ea]
+                load[:, gb] += per[:, ea] - per[:, eb]
+                plan[a], plan[b] = eb, ea
+                improved = True
+            if time.perf_counter() - t0 > time_limit_s:
+                return plan
+        if not improved:
+            break
+    return plan
+
+
 POLICIES: Dict[str, Callable[[np.ndarray, int, int], Plan]] = {
     "contiguous": contiguous,
     "greedy": greedy,
@@ -122,8 +226,8 @@ POLICIES: Dict[str, Callable[[np.ndarray, int, int], Plan]] = {
 }
 
 
-def plan_layer(policy: str, counts: np.ndarray, gpus: int, slots: int) -> Plan:
-    """Run ``policy`` on one layer's [B, E] counts.
+def plan_layer(policy: str, counts: np.ndarray, gpus: int, slots: int, local_search: bool = False) -> Plan:
+    """Run ``policy`` on one layer's [B, E] counts, then (``local_search``) :func:`refine_by_swaps`.
 
     ``greedy`` and ``anti_correlation`` with spare slots (S > E / G) fill them with replicas
     as ``replicate`` does; without spare slots ``replicate`` equals ``greedy``.
@@ -133,7 +237,10 @@ def plan_layer(policy: str, counts: np.ndarray, gpus: int, slots: int) -> Plan:
     """
     if policy not in POLICIES:
         raise ValueError(f"unknown placement policy '{policy}'; choose one of {', '.join(POLICIES)}")
-    return POLICIES[policy](np.asarray(counts), gpus, slots)
+    plan = POLICIES[policy](np.asarray(counts), gpus, slots)
+    if local_search and policy != "contiguous":
+        plan = refine_by_swaps(counts, plan, gpus)
+    return plan
 
 
 def gpu_loads(counts: np.ndarray, plan: Sequence[int], gpus: int) -> np.ndarray:
@@ -293,8 +400,10 @@ def trace_layer_counts(paths: Sequence[str]) -> Dict[str, np.ndarray]:
     return {name: np.concatenate(parts) for name, parts in out.items()}
 
 
-def plan_placement(policy: str, layer_counts: Dict[str, np.ndarray], gpus: int, slots: int, **extra):
-    """A :class:`~fairseq_moe_infer.moe.placement.Placement` of every layer by ``policy``.
+def plan_placement(policy: str, layer_counts: Dict[str, np.ndarray], gpus: int, slots: int,
+                   local_search: bool = False, **extra):
+    """A :class:`~fairseq_moe_infer.moe.placement.Placement` of every layer by ``policy``
+    (then :func:`refine_by_swaps` when ``local_search``).
 
     Args:
         layer_counts: :func:`trace_layer_counts`'s output.
@@ -303,8 +412,8 @@ def plan_placement(policy: str, layer_counts: Dict[str, np.ndarray], gpus: int, 
     from .moe.placement import Placement
 
     e = next(iter(layer_counts.values())).shape[1]
-    plans = {name: [int(v) for v in plan_layer(policy, c, gpus, slots)] for name, c in layer_counts.items()}
-    return Placement(gpus, slots, e, plans, {"policy": policy, **extra})
+    plans = {name: [int(v) for v in plan_layer(policy, c, gpus, slots, local_search)] for name, c in layer_counts.items()}
+    return Placement(gpus, slots, e, plans, {"policy": policy, "local_search": local_search, **extra})
 
 
 def placement_ratios(placement, layer_counts: Dict[str, np.ndarray]) -> Dict[str, object]:

@@ -2,7 +2,7 @@
 
 Reads traces recorded with ``--moe-record-trace``, places every MoE layer's experts on G GPUs
 with S slots each by one policy of :mod:`fairseq_moe_infer.placement_planner` (contiguous,
-greedy, anti_correlation, replicate), writes the placement JSON and prints the simulated
+greedy, anti_correlation, replicate; optionally refined by ``--local-search``), writes the placement JSON and prints the simulated
 per-batch max/mean GPU load on the planning traces and on held-out traces.
 
     python scripts/plan_placement.py --trace mt_en-de.npz --heldout mt_en-fr.npz \\
@@ -36,6 +36,9 @@ def main(argv=None) -> None:
     p.add_argument("--gpus", type=int, required=True, help="expert-parallel world size G")
     p.add_argument("--slots", type=int, default=None, help="expert slots per GPU S (default E / G; more = replicas)")
     p.add_argument("--policy", default="greedy", choices=list(pp.POLICIES))
+    p.add_argument("--local-search", action="store_true",
+                   help="refine the policy's plan by swapping experts between GPUs where that lowers the per-batch "
+                        "maximum GPU load on the planning traces (placement_planner.refine_by_swaps)")
     p.add_argument("--out", default=None, help="placement JSON to write (for --moe-placement)")
     a = p.parse_args(argv)
     try:
@@ -48,10 +51,11 @@ def main(argv=None) -> None:
     if heldout is not None and sorted(heldout) != sorted(counts):
         raise SystemExit("plan_placement.py: error: the held-out traces are of another model (other MoE layers)")
     try:
-        placement = pp.plan_placement(a.policy, counts, a.gpus, slots, traces=[os.path.basename(t) for t in a.trace])
+        placement = pp.plan_placement(a.policy, counts, a.gpus, slots, a.local_search,
+                                      traces=[os.path.basename(t) for t in a.trace])
     except ValueError as err:
         raise SystemExit(f"plan_placement.py: error: {err}")
-    print(f"{a.policy}: {len(counts)} MoE layers, E={e}, G={a.gpus}, S={slots}")
+    print(f"{a.policy}{' + local search' if a.local_search else ''}: {len(counts)} MoE layers, E={e}, G={a.gpus}, S={slots}")
     _show("planned-on traces", placement, counts)
     if heldout is not None:
         _show("held-out traces", placement, heldout)
