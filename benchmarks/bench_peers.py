@@ -78,6 +78,7 @@ GROUPS = {
 IMPLS = [i for names in GROUPS.values() for i in names]
 GROUP_OF = {i: g for g, names in GROUPS.items() for i in names}
 REFERENCE = "ours-dynamic"
+CAPACITY_LIMITED = {"ours-static-0.25", "tutel-cf1.0", "deepspeed-cf1.0"}  # fixed capacity: may drop choices
 DIFF_TOKEN_FRACTION = 0.01  # a token "differs" when some output feature is off by > 1% of max |reference output|
 
 
@@ -190,12 +191,14 @@ class Ours(Impl):
 
 
 class TorchLoop(Impl):
-    """Plain PyTorch: fp32 softmax gate, top-2 renormalised, then per expert with tokens a gather,
-    two ``F.linear`` and an ``index_add_`` of the weighted output (Mixtral's HF block pattern)."""
+    """Plain PyTorch: softmax gate in float32 (or x's dtype if wider), top-2 renormalised, then per
+    expert with tokens a gather, two ``F.linear`` and an ``index_add_`` of the weighted output (the
+    Hugging Face Mixtral block's pattern)."""
 
     def __call__(self, x):
         r, ex = self.ref, self.ref.experts
-        probs = F.softmax(F.linear(x.float(), r.gate.wg.weight.float()), dim=-1)
+        gate_dtype = torch.promote_types(x.dtype, torch.float32)
+        probs = F.softmax(F.linear(x.to(gate_dtype), r.gate.wg.weight.to(gate_dtype)), dim=-1)
         w, idx = probs.topk(2, dim=-1)
         w = (w / w.sum(-1, keepdim=True)).to(x.dtype)
         out = torch.zeros_like(x)
@@ -517,10 +520,17 @@ def print_table(rows) -> None:
 
 def plot(rows, path: str) -> None:
     """Time per forward against tokens, one panel per shape, one line per implementation, floor dashed."""
+    import logging
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    from benchmarks.plot_results import fmt_tokens
+
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # fairseq's import set the root logger to DEBUG
 
     shapes = list(dict.fromkeys((r["E"], r["d"], r["f"]) for r in rows if "E" in r))
     if not shapes:
@@ -530,12 +540,15 @@ def plot(rows, path: str) -> None:
         mine = [r for r in rows if (r.get("E"), r.get("d"), r.get("f")) == (E, d, f)]
         for n in dict.fromkeys(r["impl"] for r in mine):
             pts = sorted((r["tokens"], r["median_ms"]) for r in mine if r["impl"] == n and "median_ms" in r)
-            if pts:
-                ax.plot(*zip(*pts), marker="o", ms=3, label=n, lw=2.2 if n.startswith("ours") else 1.2)
+            if pts:  # dashed: fixed capacity (may drop tokens)
+                ax.plot(*zip(*pts), marker="o", ms=3, label=n, lw=2.2 if n.startswith("ours") else 1.2,
+                        ls="--" if n in CAPACITY_LIMITED else "-")
         floor = sorted({(r["tokens"], r["floor_ms"]) for r in mine if r.get("floor_ms")})
         if floor:
             ax.plot(*zip(*floor), "k--", lw=1, label="roofline floor")
-        ax.set(xscale="log", yscale="log", xlabel="tokens", ylabel="ms per forward", title=f"E={E}, d={d}, f={f}")
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(FuncFormatter(fmt_tokens))
+        ax.set(yscale="log", xlabel="tokens", ylabel="ms per forward", title=f"E={E}, d={d}, f={f}")
         ax.grid(True, which="both", alpha=0.3)
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()

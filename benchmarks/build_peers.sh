@@ -17,7 +17,7 @@
 # it is built as published and, beside it, with that one argument dropped ("megablocks_cuda13fix");
 # the published build is installed when it succeeds, else the fixed one, and the JSON says which.
 set -u
-LOG=${1:?log folder}; mkdir -p "$LOG"; LOG=$(cd "$LOG" && pwd)
+LOG=${1:?log folder}; mkdir -p "$LOG"; LOG=$(cd "$LOG" && pwd); HERE=$(cd "$(dirname "$0")" && pwd)
 SITE=${SITE:-/tmp/site}; PEERS=$(cd "${PEERS:-.peers}" && pwd) || { echo "no ${PEERS:-.peers}: run scripts/fetch_peers.py"; exit 1; }
 BUILD_S=${BUILD_S:-330}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} DS_BUILD_OPS=0 PIP_NO_INDEX=1
@@ -29,13 +29,17 @@ pip_q() { python3 -m pip "$@" --no-index --no-deps --disable-pip-version-check; 
 pip_q install -q --no-compile --upgrade --target "$SITE" "$PEERS"/wheels/*.whl > "$LOG/build_wheels.log" 2>&1 \
   || echo "installing .peers/wheels failed: see $LOG/build_wheels.log"
 
-# NCCL headers/library of torch's nvidia-nccl wheel, for Tutel's optional NCCL part (without it Tutel's
-# setup.py falls back to its build without NCCL, which one GPU does not need)
-NCCL=$(python3 -c "import nvidia.nccl as n, os; print(os.path.dirname(n.__file__) if n.__file__ else list(n.__path__)[0])" 2>/dev/null)
-if [ -n "$NCCL" ] && [ -d "$NCCL/include" ]; then
-  mkdir -p "$W/nccl_lib"; ln -sf "$(ls "$NCCL"/lib/libnccl.so* | head -1)" "$W/nccl_lib/libnccl.so"
-  export CPATH="$NCCL/include${CPATH:+:$CPATH}" LIBRARY_PATH="$W/nccl_lib${LIBRARY_PATH:+:$LIBRARY_PATH}"
-fi
+# CUDA headers/libraries of the pip wheels beside torch, for a toolkit that lacks some (peer_cuda_env.py says
+# which and why); $SITE/peers_env.sh sets LD_LIBRARY_PATH likewise for the runs. build_env.log: what was found.
+eval "$(python3 "$HERE/peer_cuda_env.py" "$W/cuda_links" "$SITE/peers_env.sh")"
+NVCC_INC="$(dirname "$(dirname "$(command -v nvcc)")")/include"
+{ echo "CUDA_HOME (torch): $(python3 -c 'from torch.utils.cpp_extension import CUDA_HOME; print(CUDA_HOME)')"
+  echo "nvcc: $(command -v nvcc): $(nvcc --version | tail -1)"
+  echo "CPATH=$CPATH"; echo "LIBRARY_PATH=$LIBRARY_PATH"; ls -la "$W/cuda_links"
+  for h in cuda_runtime.h cub/cub.cuh cublas_v2.h cusparse.h nvrtc.h nccl.h; do
+    printf '%s: ' "$h"; echo "#include <$h>" > "$W/probe.cu"
+    nvcc -E "$W/probe.cu" -o /dev/null -I"$NVCC_INC" > /dev/null 2>&1 && echo found || echo MISSING
+  done; } > "$LOG/build_env.log" 2>&1
 
 unpack() {  # unpack TARBALL into $W/src/NAME, print the source folder
   local name=$1 tarball=$2; mkdir -p "$W/src/$name"; tar xzf "$tarball" -C "$W/src/$name"

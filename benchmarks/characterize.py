@@ -504,15 +504,24 @@ def plot_fig8(rows, path):
     plt.close(fig)
 
 
-def plot_stacked(rows, keys, labels, path, title, ylabel):
+def plot_stacked(rows, keys, labels, path, title, ylabel, shares=False, unit=""):
+    """One stacked bar per row; with ``shares`` each bar is normalised to 100% and its total is written on top."""
     plt = _plt()
+    rows = [r for r in rows if not r.get("oom")]
     fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(rows) + 2), 4))
     names = [f"{r.get('model', '')} {r['workload']}\n{r['policy']}" for r in rows]
+    totals = np.array([sum(r.get(k) or 0.0 for k in keys) for r in rows], dtype=float)
     bottom = np.zeros(len(rows))
     for k, lab in zip(keys, labels):
         vals = np.array([r.get(k) or 0.0 for r in rows], dtype=float)
+        if shares:
+            vals = 100 * vals / np.where(totals > 0, totals, 1)
         ax.bar(range(len(rows)), vals, 0.7, bottom=bottom, label=lab)
         bottom += vals
+    if shares:
+        for i, t in enumerate(totals):
+            ax.text(i, 101, f"{t:.3g} {unit}", ha="center", va="bottom", fontsize=7)
+        ax.set_ylim(0, 112)
     ax.set_xticks(range(len(rows)))
     ax.set_xticklabels(names, fontsize=7)
     ax.set(ylabel=ylabel, title=title)
@@ -643,7 +652,7 @@ def main(argv=None):
                      out("fig9") + ".png", "Fig. 9: memory (GiB): parameters by part, activations at one batch", "GiB")
     if "fig10" in model_figs:
         plot_stacked(results["fig10"], [f"{k}_ms" for k in PHASES], PHASES, out("fig10") + ".png",
-                     "Fig. 10: latency breakdown of one call", "ms")
+                     "Fig. 10: latency breakdown of one call (total on top)", "% of the call", shares=True, unit="ms")
 
 
 if __name__ == "__main__":

@@ -35,8 +35,9 @@ if [ "$MODE" = all ] || [ "$MODE" = peers ]; then
   cat "$W/logs/peers_build/peers_build.json" 2>/dev/null | head -60
   S=$(left); [ "$MODE" = all ] && S=$(python3 -c "print(int(($S - 20) * ${PEERS_SHARE:-0.5}))") || S=$(( S - 20 ))
   # --max-minutes leaves the step a minute for start-up, the ceilings, weight building and the plot
-  step "$S" bench_peers python3 benchmarks/bench_peers.py --max-minutes "$(python3 -c "print(max(($S - 75) / 60, 0.5))")" \
-    --log-dir "$W/logs/bench_peers" --out benchmarks/results/peers_h200.json ${PEER_ARGS:-}
+  ( [ -f /tmp/site/peers_env.sh ] && . /tmp/site/peers_env.sh  # LD_LIBRARY_PATH of the CUDA wheels (build_peers.sh)
+    step "$S" bench_peers python3 benchmarks/bench_peers.py --max-minutes "$(python3 -c "print(max(($S - 75) / 60, 0.5))")" \
+      --log-dir "$W/logs/bench_peers" --out benchmarks/results/peers_h200.json ${PEER_ARGS:-} )
 fi
 if [ "$MODE" = all ] || [ "$MODE" = char ]; then
   S=$(( $(left) - 20 ))
