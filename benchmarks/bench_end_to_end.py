@@ -79,8 +79,10 @@ def write_dict(folder: str, names, size: int) -> None:
             f.writelines(f"w{i} 1\n" for i in range(size - 4))
 
 
-def build(kind: str, experts: int, layers: int):
-    """(model, task) on the GPU in bf16 with random weights, built by the plugin's task."""
+def build(kind: str, experts: int, layers: int, extra_args=()):
+    """(model, task) on ``DEVICE[0]`` in bf16 with random weights, built by the plugin's task;
+    ``extra_args`` are appended to :func:`model_argv`'s (a later flag overrides an earlier one, e.g.
+    ``--moe-freq 0`` for the dense model of the same shape)."""
     from fairseq import options, tasks
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
     from fairseq.modules import SinusoidalPositionalEmbedding
@@ -88,7 +90,8 @@ def build(kind: str, experts: int, layers: int):
     data = tempfile.mkdtemp()
     write_dict(data, ["dict.txt"] if kind == "lm" else ["dict.src.txt", "dict.tgt.txt"], SHAPES[kind]["vocab"])
     parser = options.get_training_parser()
-    args = options.parse_args_and_arch(parser, model_argv(kind, experts, layers, data) + ["--user-dir", USER_DIR])
+    argv = model_argv(kind, experts, layers, data) + list(extra_args) + ["--user-dir", USER_DIR]
+    args = options.parse_args_and_arch(parser, argv)
     cfg = convert_namespace_to_omegaconf(args)
     task = tasks.setup_task(cfg.task)
     torch.set_default_dtype(torch.bfloat16)
@@ -136,7 +139,7 @@ def lm_runner(model, task):
     def run(batch_tokens: int, i: int):
         b = max(1, batch_tokens // block)
         src = random_tokens(b, block, vocab, i)
-        sample = {"net_input": {"src_tokens": src, "src_lengths": torch.full((b,), block, device="cuda")},
+        sample = {"net_input": {"src_tokens": src, "src_lengths": torch.full((b,), block, device=DEVICE[0])},
                   "target": torch.roll(src, -1, 1), "ntokens": b * block}
         return scorer.generate([model], sample)
 
@@ -149,7 +152,7 @@ def mt_encoder_runner(model, task):
     def run(batch_tokens: int, i: int):
         b = max(1, batch_tokens // src_len)
         src = random_tokens(b, src_len, vocab, i)
-        return model.encoder(src, src_lengths=torch.full((b,), src_len, device="cuda"))
+        return model.encoder(src, src_lengths=torch.full((b,), src_len, device=DEVICE[0]))
 
     return run, lambda bt: max(1, bt // src_len) * src_len
 
@@ -166,7 +169,7 @@ def mt_generate_runner(model, task):
     def run(batch_tokens: int, i: int):  # batch_tokens counts generated target tokens
         b = max(1, batch_tokens // out_len)
         src = random_tokens(b, src_len, vocab, i)
-        sample = {"net_input": {"src_tokens": src, "src_lengths": torch.full((b,), src_len, device="cuda")}}
+        sample = {"net_input": {"src_tokens": src, "src_lengths": torch.full((b,), src_len, device=DEVICE[0])}}
         return gen.generate([model], sample)
 
     return run, lambda bt: max(1, bt // out_len) * out_len
@@ -237,7 +240,7 @@ def sweep(run, count, policies, start_tokens, max_tokens, deadline, budget_s, la
 
 
 MODEL = [None]
-DEVICE = ["cuda"]  # --device cpu: toy-size checks of the trace replay without a GPU
+DEVICE = ["cuda"]  # --device cpu: toy-size checks of the trace replay (and benchmarks/characterize.py) without a GPU
 MEMORY_HEADROOM = 0.95  # skip a point predicted above this share of the GPU's memory
 
 
