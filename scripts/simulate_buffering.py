@@ -15,9 +15,9 @@ policy and Belady. Output: ``--out`` JSON (with the command and git commit) and 
 
 With ``--prefetch`` it compares prefetch predictors instead (``--moe-prefetch``,
 ``fairseq_moe_infer/moe/prefetch.py``), replayed through the same ``SlotCache.prefetch``:
-``none``; ``previous-step`` (after each call of a layer, its experts of that call, most tokens
-first: exactly what the store does on one rank); and ``next-call`` (an oracle: the next call's
-own experts, most tokens first: the upper bound of any predictor, e.g. of ``gate``, which needs
+``none``; ``previous-step`` (after each call of a layer, the K experts of that call with the most
+tokens: exactly what the store does on one rank); and ``next-call`` (an oracle: all the next
+call's experts, most tokens first: the bound of any predictor, e.g. of ``gate``, which needs
 hidden states that traces do not hold). Per group, predictor, policy and K: misses, prefetches
 issued, prefetch hits, unused prefetches, experts copied in (misses + prefetches), and the misses
 and copies saved against ``none`` (negative: more copied than without prefetching).
@@ -92,7 +92,7 @@ def simulate_prefetch(lookups, counts, K: int, policy: str, num_experts: int, pr
     for t, active in enumerate(lookups):
         cache.lookup(active)
         if predictor == "previous-step":
-            cache.prefetch(PreviousStep.predict(counts[t].tolist()))
+            cache.prefetch(PreviousStep.predict(counts[t].tolist(), K))
         elif predictor == "next-call" and t + 1 < len(lookups):
             cache.prefetch(ranked_experts(counts[t + 1].tolist()))
         elif predictor not in SIM_PREDICTORS:

@@ -48,7 +48,7 @@ def test_ranked_experts_and_stacks():
 def test_slot_cache_prefetch_by_hand():
     cache = SlotCache(5, 2, build_policy("lru", 5))
     cache.lookup([0, 1])  # 2 misses: 0 -> slot 0, 1 -> slot 1
-    # only the first K=2 distinct predictions count; 1 is resident; 3 evicts the one non-predicted expert (0)
+    # the first K=2 distinct predictions are loaded; 1 is resident; 3 evicts the one non-predicted expert (0)
     assert cache.prefetch([3, 1, 3, 4]) == [(3, 0)]
     waves = cache.lookup([3, 2])  # 3: a prefetch hit; 2 evicts 1 (not needed)
     assert waves[0].resident == [(3, 0)] and waves[0].loads == [(2, 1)]
@@ -58,8 +58,8 @@ def test_slot_cache_prefetch_by_hand():
     assert (cache.lookups, cache.hits, cache.misses) == (5, 2, 3)
     assert (cache.prefetches, cache.prefetch_hits, cache.prefetch_evicted_unused) == (3, 1, 1)
     assert cache.prefetch_pending == {0}
-    # every resident expert predicted: nothing is evicted, the rest is not loaded
-    assert cache.prefetch([0, 2, 1]) == []
+    # a predicted expert is never evicted, also not one ranked past K: 0 and 2 stay, 1 is not loaded
+    assert cache.prefetch([1, 0, 2]) == [] and sorted(cache.slot_of) == [0, 2]
 
 
 def test_a_prefetch_is_not_a_use_for_lfu():
@@ -183,8 +183,9 @@ def test_previous_step_predictor_prefetches_the_last_calls_experts():
             assert torch.equal(model(x, pad), plain(x, pad))
             layer1 = plain.decoder.layers[1].moe_layer
             h = layer1(x, pad)
-            expected = [(1, ranked_experts(_reference_counts(layer1.gate, x, pad, 8))),
-                        (3, ranked_experts(_reference_counts(plain.decoder.layers[3].moe_layer.gate, h, pad, 8)))]
+            # the K=2 busiest experts of the call just made
+            expected = [(1, ranked_experts(_reference_counts(layer1.gate, x, pad, 8))[:2]),
+                        (3, ranked_experts(_reference_counts(plain.decoder.layers[3].moe_layer.gate, h, pad, 8))[:2])]
             assert calls == expected
             calls.clear()
 
@@ -284,8 +285,8 @@ def test_simulator_prefetch_by_hand(tmp_path):
     res = simulate_buffering.run_prefetch([str(path)], ["lru"], [2], ["none", "previous-step", "next-call"])
     t = res["groups"]["MT decoder"]
     none, prev, oracle = (t[p]["lru"][2] for p in ("none", "previous-step", "next-call"))
-    # none: 3 + 2 + 1 misses. previous-step: after call 1 (resident {1, 2}) it prefetches [2, 0]: 0 evicts 1;
-    # call 2 hits 0; call 3 misses 2. next-call: [0, 3] before call 2, [2] before call 3: only call 1 misses
+    # none: 3 + 2 + 1 misses. previous-step: after call 1 (resident {1, 2}) it prefetches the K=2 busiest, [2, 0]:
+    # 0 evicts 1; call 2 hits 0; call 3 misses 2. next-call: [0, 3] before call 2, [2] before call 3: only call 1 misses
     assert (none["misses"], none["copies"]) == (6, 6)
     assert (prev["misses"], prev["prefetches"], prev["prefetch_hits"], prev["prefetch_unused"]) == (5, 1, 1, 0)
     assert (prev["misses_saved"], prev["copies_saved"]) == (1, 0)

@@ -21,9 +21,9 @@ needs more than K experts is split into waves of at most K resident experts.
 
 Prefetching (``--moe-prefetch``, :mod:`fairseq_moe_infer.moe.prefetch`): between two lookups,
 :meth:`SlotCache.prefetch` loads predicted experts into slots, evicting by the same policy
-(:meth:`EvictionPolicy.on_prefetch` tells the policy; a predicted expert is never evicted for
-another predicted one). A prefetched expert used by a later lookup before it is evicted is a
-*prefetch hit*; one evicted (or still waiting at the end) unused is a wasted prefetch.
+(:meth:`EvictionPolicy.on_prefetch` tells the policy; a predicted expert is never evicted). A
+prefetched expert used by a later lookup before it is evicted is a *prefetch hit*; one evicted
+(or still waiting at the end) unused is a wasted prefetch.
 """
 
 import bisect
@@ -236,16 +236,17 @@ class SlotCache:
         """Load predicted experts before the next lookup needs them.
 
         Args:
-            experts: expert ids, most likely first (duplicates ignored); only the first K distinct
-                ones are considered (K slots).
+            experts: the experts predicted to be used by the next lookup, most likely first
+                (duplicates ignored).
 
         Returns:
-            the (expert, slot) pairs to copy in, in order. A predicted expert already resident
-            stays; the others take a free slot or evict (by the policy) a resident expert that is
-            not predicted; when every resident expert is predicted, the rest are not loaded.
+            the (expert, slot) pairs to copy in, in order. The first K distinct predicted experts
+            are wanted resident: those not resident take a free slot or evict (by the policy) a
+            resident expert that is not predicted at all; no predicted expert is evicted, so when
+            every resident expert is predicted the rest are not loaded.
         """
-        want = list(dict.fromkeys(int(e) for e in experts))[: self.num_slots]
-        keep = set(want)
+        predicted = list(dict.fromkeys(int(e) for e in experts))
+        want, keep = predicted[: self.num_slots], set(predicted)
         t = self.t - 1  # the last lookup: uses from the next lookup on are in the future
         loads = []
         for e in want:

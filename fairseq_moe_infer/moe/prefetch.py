@@ -14,10 +14,15 @@ change (a call waits for a prefetched slot's copy before using it).
   MoE (Hwang et al., ISCA 2024) and SiDA (Du et al., MLSys 2024), here with the trained gates as
   they are. The stack's first MoE layer is never predicted. The prediction's token counts are
   copied to the host behind the routing that layer i's store reads anyway, so it adds no sync.
-* ``previous-step``: after each call of a layer, its experts of that call are prefetched, most
-  token rows first: in incremental decoding (fairseq-generate, interactive) the next call of a
-  decoder layer is the next decoding step, whose routing is close to this one's. (After an
-  encoder or LM call the next call is the next batch.)
+* ``previous-step``: after each call of a layer, the K experts of that call with the most token
+  rows (K = the layer's slots) are prefetched: in incremental decoding (fairseq-generate,
+  interactive) the next call of a decoder layer is the next decoding step, whose busiest experts
+  are mostly this one's. (After an encoder or LM call the next call is the next batch.) Only the
+  K busiest are predicted: the store never evicts a predicted expert, and every expert resident
+  after a call was used by it.
+
+A prediction is a claim that those experts will be used: the store loads the first K and evicts
+only experts that are not predicted (:meth:`~fairseq_moe_infer.moe.eviction.SlotCache.prefetch`).
 
 :func:`ranked_experts` is the one ordering rule, shared with the trace-driven simulator
 (``scripts/simulate_buffering.py --prefetch``), which replays ``previous-step`` exactly.
@@ -104,7 +109,7 @@ class NoPrefetch(ExpertPredictor):
 
 @register_predictor("previous-step")
 class PreviousStep(ExpertPredictor):
-    """After each evaluation call of a layer, prefetch the experts that call used, most rows first."""
+    """After each evaluation call of a layer, prefetch the K experts of that call with the most rows."""
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
@@ -112,14 +117,15 @@ class PreviousStep(ExpertPredictor):
             self._handles.append(m.register_forward_hook(self._after))
 
     @staticmethod
-    def predict(last_rows: Sequence[int]) -> List[int]:
-        """The prediction from the last call's token rows per local expert."""
-        return ranked_experts(last_rows)
+    def predict(last_rows: Sequence[int], slots: int) -> List[int]:
+        """The prediction from the last call's token rows per local expert: the ``slots`` busiest
+        (most rows first, ties: the lower id)."""
+        return ranked_experts(last_rows)[:slots]
 
     def _after(self, layer, args, out):
         buf = layer.experts.buffer
         if not layer.training and buf is not None:
-            self._prefetch(layer, self.predict(buf.last_rows))
+            self._prefetch(layer, self.predict(buf.last_rows, buf.num_slots))
 
 
 @register_predictor("gate")
