@@ -121,7 +121,9 @@ def main(argv=None):
                    "wall_s": sorted(x["wall_s"] for x in runs)[len(runs) // 2], "moe_wall_s": r["summary"]["wall_s"],
                    "miss_rate": round(buf["misses"] / buf["lookups"], 4) if buf["lookups"] else None,
                    "experts_copied": buf["bytes_copied_h2d"] // per_expert,
-                   "buffer": buf}
+                   "buffer": buf,
+                   "cpu_cost_rates": {n: v["buffer"].get("cpu_cost_rates") for n, v in r["summary"]["layers"].items()}
+                   if cpu == "auto" else None}
             if cpu == "off" and prefetch in ("none", "previous-step"):
                 row["simulated"] = simulated(trace, a.slots, a.policy, prefetch)
             rows.append(row)

@@ -435,10 +435,11 @@ class ExpertBuffer:
             in ahead), ``prefetch_hits`` (used by a call before eviction), ``prefetch_unused``
             (evicted unused, or not used by the end), ``bytes_prefetched``, ``wasted_prefetch_bytes``,
             ``misses_without_prefetch`` / ``bytes_copied_without_prefetch`` (the same policy and
-            lookups without prefetching) and ``misses_saved``. With ``--moe-cpu-experts auto``:
-            ``cpu_experts`` (the mode), ``cpu_runs`` (expert calls run on the CPU instead of missing;
-            hits + misses + cpu_runs = lookups), ``cpu_tokens`` (their token rows), ``cpu_s`` (host
-            seconds), ``copy_bytes_avoided`` and ``cpu_cost_rates`` (rates at the end, measured or default).
+            lookups without prefetching; with CPU experts the lookups left after them) and
+            ``misses_saved``. With ``--moe-cpu-experts auto``: ``cpu_experts`` (the mode), ``cpu_runs``
+            (expert calls run on the CPU instead of missing; hits + misses + cpu_runs = lookups),
+            ``cpu_tokens`` (their token rows), ``cpu_s`` (host seconds), ``copy_bytes_avoided`` and
+            ``cpu_cost_rates`` (rates at the end, measured or default).
         """
         if self._pending and self._ref is not None:
             self._read_events(wait=True)
