@@ -81,7 +81,7 @@ class MoEInferenceConfig(FairseqDataclass):
         default="none",
         metadata={"help": "expert buffering: predict the experts of a layer's next call and start their copies early "
                   "(none | gate: the next MoE layer's gate applied to the current hidden states | previous-step: "
-                  "the experts the layer used at its previous call, i.e. the previous decoding step); needs "
+                  "the K busiest experts of the layer's previous call, i.e. the previous decoding step); needs "
                   "--moe-expert-buffer-size"},
     )
     moe_cpu_experts: str = field(
