@@ -348,6 +348,13 @@ def main(argv=None):
     p.add_argument("--replay-fractions", nargs="+", type=int, default=[16, 8, 4, 2, 1],
                    help="mt-replay: K = E / fraction slots per decoder MoE layer")
     p.add_argument("--replay-repeat", type=int, default=3, help="mt-replay: timed runs per point (after one warm-up)")
+    p.add_argument("--replay-prefetch", nargs="+", default=["none"], choices=["none", "previous-step"],
+                   help="mt-replay: --moe-prefetch predictors to measure for every K and policy (gate: see "
+                        "benchmarks/prefetch_generate.py)")
+    p.add_argument("--replay-cpu-experts", nargs="+", default=["off"], choices=["off", "auto"],
+                   help="mt-replay: --moe-cpu-experts modes to measure for every K and policy")
+    p.add_argument("--replay-allow-incomplete", action="store_true",
+                   help="mt-replay: accept routing traces of interrupted runs (complete=false, e.g. stopped by SIGTERM)")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: toy-size check of mt-replay only")
     p.add_argument("--toy", action="store_true", help="mt-replay at a toy size (d=64, f=128; a CPU check of the code)")
     p.add_argument("--generate-start-tokens", type=int, default=256, help="first generated-token batch of mt-generate")
@@ -434,7 +441,9 @@ def replay_main(a) -> None:
         write_json(a.out, {"benchmark": "end_to_end_mt_replay", "run": run_info(), "model": info, "rows": rows})
 
     rows = replay_rows(model, task, a.replay_trace, a.replay_sentences, a.replay_fractions, a.replay_policies,
-                       a.replay_repeat, deadline, save, src_len=s["seq"], out_len=s["out_len"], beam=s["beam"])
+                       a.replay_repeat, deadline, save, src_len=s["seq"], out_len=s["out_len"], beam=s["beam"],
+                       prefetches=a.replay_prefetch, cpu_modes=a.replay_cpu_experts,
+                       allow_incomplete=a.replay_allow_incomplete)
     save(rows)
     plot_replay(rows, os.path.splitext(a.out)[0] + ".png")
 

@@ -15,6 +15,11 @@ future that the ``belady`` policy replays.
 tokens), the ``fairseq`` ``SequenceGenerator`` time per generated token and the GPU memory of
 the all-resident dynamic model and of the decoder experts buffered with K slots per layer for
 each K and eviction policy (Huang et al. 2024, Fig. 13). Encoder experts stay resident.
+Optionally also with the miss handling of issue #11 item 5 (``prefetches``: ``previous-step``
+prefetching, ``--moe-prefetch``; ``cpu_modes``: ``auto`` CPU experts, ``--moe-cpu-experts``):
+each row then says which, and gives the prefetch and CPU-expert statistics. The ``gate``
+predictor is refused here: the replay overrides the gates' routing, so a gate's prediction says
+nothing about it (``benchmarks/prefetch_generate.py`` measures ``gate`` on the trained model).
 """
 
 import time
@@ -26,6 +31,7 @@ from benchmarks.common import median_time_s
 from fairseq_moe_infer.moe import moe_layers
 from fairseq_moe_infer.moe.buffered import ExpertBuffer
 from fairseq_moe_infer.moe.gate import Routing
+from fairseq_moe_infer.moe.prefetch import build_predictor
 from fairseq_moe_infer.trace import merge_rank_traces
 
 
@@ -40,8 +46,8 @@ class TraceReplay:
         ValueError: the trace has no decoder layers, or E_model is not a multiple of E_trace.
     """
 
-    def __init__(self, model, trace_paths):
-        t = merge_rank_traces(trace_paths)
+    def __init__(self, model, trace_paths, allow_incomplete: bool = False):
+        t = merge_rank_traces(trace_paths, allow_incomplete=allow_incomplete)
         dec = [i for i, n in enumerate(t.layer_names) if n.startswith("decoder.")]
         if not dec:
             raise ValueError(f"{trace_paths}: no decoder MoE layer in the trace; record fairseq-generate of an MT model")
@@ -89,18 +95,26 @@ class TraceReplay:
 
 def replay_rows(model, task, trace_paths, sentences=(1, 8, 64), fractions=(16, 8, 4, 2, 1),
                 policies=("lifo", "lru", "fifo", "lfu", "belady"), repeat=3, deadline=None, save=lambda rows: None,
-                src_len=64, out_len=32, beam=4):
+                src_len=64, out_len=32, beam=4, prefetches=("none",), cpu_modes=("off",), allow_incomplete=False):
     """Rows of the trace-replay benchmark (see the module docstring).
 
-    Each row: ``sentences``, ``K`` (``all-resident`` for the baseline), ``policy``, ``ms_per_token``
-    (generate time / generated tokens per sentence), ``x_all_resident`` (ratio to the baseline of
-    the same batch), ``decoder_expert_GiB`` (device bytes of the decoder's experts),
-    ``peak_memory_GiB`` and the buffer statistics summed over the decoder layers.
+    Each row: ``sentences``, ``K`` (``all-resident`` for the baseline), ``policy``, ``prefetch``,
+    ``cpu_experts``, ``ms_per_token`` (generate time / generated tokens per sentence),
+    ``x_all_resident`` (ratio to the baseline of the same batch), ``decoder_expert_GiB`` (device
+    bytes of the decoder's experts), ``peak_memory_GiB`` and the buffer statistics summed over the
+    decoder layers (with prefetching: prefetches, prefetch hits, wasted GiB, misses saved; with CPU
+    experts: CPU runs and tokens, GiB not copied, the cost model's rates of the first layer).
+
+    Raises:
+        ValueError: the ``gate`` predictor (see the module docstring) or an unknown one.
     """
     from fairseq.sequence_generator import SequenceGenerator
 
+    if "gate" in prefetches:
+        raise ValueError("--replay-prefetch gate: the replay overrides the gates' routing, so the gate predictor has "
+                         "nothing to predict; measure it with benchmarks/prefetch_generate.py")
     device = next(model.parameters()).device
-    replay = TraceReplay(model, trace_paths)
+    replay = TraceReplay(model, trace_paths, allow_incomplete)
     gen = SequenceGenerator([model], task.target_dictionary, beam_size=beam, max_len_a=0, max_len_b=out_len,
                             min_len=out_len)
     vocab = len(task.source_dictionary)
@@ -150,35 +164,57 @@ def replay_rows(model, task, trace_paths, sentences=(1, 8, 64), fractions=(16, 8
                      "peak_memory_GiB": None if peak is None else round(peak, 2)})
         save(rows)
         print(rows[-1], flush=True)
+    variants = [(policy, p, c) for policy in policies for p in prefetches for c in cpu_modes]
     for b in sentences:
         run_log = logs[b]
         for frac in fractions:
             K = max(1, E_local // frac)
-            for policy in policies:
+            for policy, prefetch, cpu in variants:
+                head = {"sentences": b, "K": K, "policy": policy, "prefetch": prefetch, "cpu_experts": cpu}
                 if deadline is not None and time.time() > deadline:
-                    rows.append({"sentences": b, "K": K, "policy": policy, "skipped": "time budget"})
+                    rows.append({**head, "skipped": "time budget"})
                     save(rows)
                     continue
                 for name, m in layers:
                     future = [[e - m.experts.global_offset for e in look] for look in run_log[name]] * (1 + repeat + 1)
-                    buf = ExpertBuffer(E_local, K, policy, future if policy == "belady" else None)
+                    buf = ExpertBuffer(E_local, K, policy, future if policy == "belady" else None, prefetch=prefetch,
+                                       cpu_experts=cpu)
                     if name in hosts:
                         buf.adopt(hosts[name])
                     m.experts.set_buffer(buf)
+                predictor = build_predictor(prefetch, model) if prefetch != "none" else None
                 ms, peak = measure(b, repeat)
+                if predictor is not None:
+                    predictor.remove()
                 for name, m in layers:
                     hosts.setdefault(name, m.experts.buffer)
                 stats = [m.experts.buffer.stats() for _, m in layers]
                 lookups = sum(s["lookups"] for s in stats)
-                row = {"sentences": b, "K": K, "policy": policy, "ms_per_token": round(ms / out_len, 3),
-                       "x_all_resident": round(ms / base[b], 3),
-                       "decoder_expert_GiB": round(sum(s["device_bytes_buffered"] for s in stats) / 2**30, 3),
-                       "decoder_expert_GiB_all_resident": round(sum(s["device_bytes_all_resident"] for s in stats) / 2**30, 3),
+                runs = 1 + repeat
+
+                def total(key):
+                    return sum(s.get(key, 0) for s in stats)
+
+                row = {**head, "ms_per_token": round(ms / out_len, 3), "x_all_resident": round(ms / base[b], 3),
+                       "decoder_expert_GiB": round(total("device_bytes_buffered") / 2**30, 3),
+                       "decoder_expert_GiB_all_resident": round(total("device_bytes_all_resident") / 2**30, 3),
                        "peak_memory_GiB": None if peak is None else round(peak, 2),
-                       "miss_rate": round(sum(s["misses"] for s in stats) / lookups, 4) if lookups else None,
-                       "GiB_copied_per_run": round(sum(s["bytes_copied_h2d"] for s in stats) / 2**30 / (1 + repeat), 3),
-                       "copy_s": round(sum(s["copy_s"] for s in stats), 4),
-                       "copy_overlapped_s": round(sum(s["copy_overlapped_s"] for s in stats), 4)}
+                       "miss_rate": round(total("misses") / lookups, 4) if lookups else None,
+                       "GiB_copied_per_run": round(total("bytes_copied_h2d") / 2**30 / runs, 3),
+                       "copy_s": round(total("copy_s"), 4),
+                       "copy_overlapped_s": round(total("copy_overlapped_s"), 4)}
+                if prefetch != "none":
+                    row.update({"prefetches_per_run": round(total("prefetches") / runs, 1),
+                                "prefetch_hits_per_run": round(total("prefetch_hits") / runs, 1),
+                                "wasted_prefetch_GiB_per_run": round(total("wasted_prefetch_bytes") / 2**30 / runs, 3),
+                                "miss_rate_without_prefetch": round(total("misses_without_prefetch") / lookups, 4)
+                                if lookups else None,
+                                "misses_saved_per_run": round(total("misses_saved") / runs, 1)})
+                if cpu == "auto":
+                    row.update({"cpu_runs_per_run": round(total("cpu_runs") / runs, 1),
+                                "cpu_tokens_per_run": round(total("cpu_tokens") / runs, 1),
+                                "GiB_not_copied_per_run": round(total("copy_bytes_avoided") / 2**30 / runs, 3),
+                                "cpu_s": round(total("cpu_s"), 4), "cpu_cost_rates": stats[0]["cpu_cost_rates"]})
                 rows.append(row)
                 save(rows)
                 print(row, flush=True)
@@ -201,9 +237,15 @@ def plot_replay(rows, png):
         for r in mine:
             if r["K"] == "all-resident":
                 ax.axhline(r["ms_per_token"], ls="--", color="k", label="all resident (dynamic)")
-        for policy in sorted({r["policy"] for r in mine if r["K"] != "all-resident"}):
-            pts = sorted((r["K"], r["ms_per_token"]) for r in mine if r["policy"] == policy and r["K"] != "all-resident")
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=policy)
+        def label(r):
+            extra = [f"prefetch {r['prefetch']}"] * (r.get("prefetch", "none") != "none")
+            extra += ["CPU experts"] * (r.get("cpu_experts", "off") == "auto")
+            return " + ".join([r["policy"]] + extra)
+
+        buffered = [r for r in mine if r["K"] != "all-resident"]
+        for name in sorted({label(r) for r in buffered}):
+            pts = sorted((r["K"], r["ms_per_token"]) for r in buffered if label(r) == name)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
         ax.set_xscale("log", base=2)
         ax.set_title(f"{b} sentence(s) per batch, beam 4")
         ax.set_xlabel("decoder slots K per MoE layer")

@@ -18,6 +18,7 @@ from .moe import MoEConfigError, moe_layers
 from .moe.buffered import ExpertBuffer
 from .moe.options import check_moe_options
 from .moe.placement import LayerPlacement, Placement, load_placement
+from .moe.prefetch import ExpertPredictor, build_predictor
 from .report import MoERunReport
 from .trace import TraceError, TraceRecorder, rank_path, read_trace
 
@@ -39,7 +40,8 @@ def check_writable_path(path: Optional[str]) -> Optional[str]:
 @dataclass
 class MoEInferenceConfig(FairseqDataclass):
     """``--moe-gating``, ``--moe-eval-capacity-token-fraction``, ``--moe-stats-json``, ``--moe-record-trace``,
-    ``--moe-expert-buffer-size`` & co., ``--moe-placement``, ``--moe-collective-timeout``."""
+    ``--moe-expert-buffer-size`` & co. (``--moe-prefetch``, ``--moe-cpu-experts``), ``--moe-placement``,
+    ``--moe-collective-timeout``."""
 
     moe_gating: str = field(
         default="static",
@@ -76,6 +78,19 @@ class MoEInferenceConfig(FairseqDataclass):
         metadata={"help": "routing trace (--moe-record-trace) of this model on the same data and flags, replayed by "
                   "--moe-buffer-policy belady"},
     )
+    moe_prefetch: str = field(
+        default="none",
+        metadata={"help": "expert buffering: predict the experts of a layer's next call and start their copies early "
+                  "(none | gate: the next MoE layer's gate applied to the current hidden states | previous-step: "
+                  "the K busiest experts of the layer's previous call, i.e. the previous decoding step); needs "
+                  "--moe-expert-buffer-size"},
+    )
+    moe_cpu_experts: str = field(
+        default="off",
+        metadata={"help": "expert buffering: off | auto (run a missed expert that received few tokens on the CPU from "
+                  "its host copy when the measured copy and compute rates make that cheaper than copying it in); "
+                  "needs --moe-expert-buffer-size"},
+    )
     moe_record_trace: Optional[str] = field(
         default=None,
         metadata={
@@ -109,6 +124,8 @@ def validate_inference_options(cfg) -> None:
             moe_eval_capacity_token_fraction=cfg.moe_eval_capacity_token_fraction,
             moe_expert_buffer_size=getattr(cfg, "moe_expert_buffer_size", None),
             moe_buffer_policy=getattr(cfg, "moe_buffer_policy", None),
+            moe_prefetch=getattr(cfg, "moe_prefetch", None),
+            moe_cpu_experts=getattr(cfg, "moe_cpu_experts", None),
             moe_collective_timeout=getattr(cfg, "moe_collective_timeout", None),
         )
     except MoEConfigError as e:
@@ -222,30 +239,40 @@ def configure_moe(model: nn.Module, cfg, branch: Optional[dict] = None) -> Optio
         except MoEConfigError as e:
             exit_with_error(str(e))
     if getattr(cfg, "moe_expert_buffer_size", 0):
-        configure_buffering(model, cfg.moe_expert_buffer_size, cfg.moe_buffer_policy, cfg.moe_buffer_trace)
+        configure_buffering(model, cfg.moe_expert_buffer_size, cfg.moe_buffer_policy, cfg.moe_buffer_trace,
+                            getattr(cfg, "moe_prefetch", "none"), getattr(cfg, "moe_cpu_experts", "off"))
     if getattr(cfg, "moe_record_trace", None):
         TraceRecorder(model, cfg.moe_record_trace).register_atexit()
     return MoERunReport(model, cfg.moe_gating, fraction, cfg.moe_stats_json).register_atexit()
 
 
 __all__ = ["MoEInferenceConfig", "apply_placement", "configure_moe", "validate_inference_options", "MoEConfigError"]
-def configure_buffering(model: nn.Module, num_slots: int, policy: str = "lifo", trace_path: Optional[str] = None) -> None:
+def configure_buffering(model: nn.Module, num_slots: int, policy: str = "lifo", trace_path: Optional[str] = None,
+                        prefetch: str = "none", cpu_experts: str = "off") -> Optional[ExpertPredictor]:
     """Give every MoE layer's experts an :class:`~fairseq_moe_infer.moe.buffered.ExpertBuffer` of
-    ``num_slots`` slots (``--moe-expert-buffer-size``), evicting by ``policy``.
+    ``num_slots`` slots (``--moe-expert-buffer-size``), evicting by ``policy``; attach the prefetch
+    predictor ``prefetch`` (``--moe-prefetch``, :mod:`~fairseq_moe_infer.moe.prefetch`) and run cheap
+    missed experts on the CPU with ``cpu_experts="auto"`` (``--moe-cpu-experts``).
 
     For ``belady`` the routing trace ``trace_path`` (and its ``.rank<r>`` files) gives each layer's
     future lookups: the experts of this rank that any rank's tokens chose, call by call.
 
+    Returns:
+        the attached predictor (None for ``none``).
+
     Raises:
-        MoEConfigError: K larger than the experts per rank, an unknown policy, belady without a
-            trace, or a trace of another model (other expert count or MoE layers).
+        MoEConfigError: K larger than the experts per rank, an unknown policy, predictor or CPU-expert
+            mode, belady without a trace, or a trace of another model (other expert count or MoE layers).
     """
     named = moe_layers(model, named=True)
+    check_moe_options(moe_prefetch=prefetch, moe_cpu_experts=cpu_experts)
     futures = {}
     if policy == "belady" and trace_path:
         futures = _belady_futures(trace_path, named)
     for name, m in named:
-        m.experts.set_buffer(ExpertBuffer(m.experts.num_local_experts, num_slots, policy, futures.get(name)))
+        m.experts.set_buffer(ExpertBuffer(m.experts.num_local_experts, num_slots, policy, futures.get(name),
+                                          prefetch=prefetch, cpu_experts=cpu_experts))
+    return build_predictor(prefetch, model) if prefetch != "none" else None
 
 
 def _belady_futures(path: str, named) -> dict:

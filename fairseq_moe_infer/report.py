@@ -15,7 +15,10 @@ forwards only and gives:
 * with ``--moe-expert-buffer-size``, per layer (``buffer``) and in total: lookups, hits,
   misses, hit rate, bytes copied host to device, copy time and the part that overlapped
   compute, device bytes held by experts buffered vs all resident
-  (:meth:`~fairseq_moe_infer.moe.buffered.ExpertBuffer.stats`).
+  (:meth:`~fairseq_moe_infer.moe.buffered.ExpertBuffer.stats`); with ``--moe-prefetch``
+  prefetches issued, prefetch hits, wasted prefetch bytes and the misses saved against the same
+  policy without prefetching; with ``--moe-cpu-experts auto`` the experts and tokens run on the
+  CPU, the copy bytes that avoided and the cost model's rates.
 * per layer, the load of each expert-parallel GPU (``gpu_load``, see
   :func:`gpu_load_summary`): kept top-k choices its expert slots processed, summed over the
   run (``tokens_per_gpu``) and per forward (batch): the slowest GPU sets each step's time, so
@@ -30,7 +33,7 @@ forwards only and gives:
 It is logged (one readable line per layer, then the whole summary as one JSON
 line prefixed ``moe_summary``) and written to ``--moe-stats-json`` when given (strict JSON:
 ``allow_nan=False``). ``complete`` is False when the run ended by an error or an
-interruption (SIGINT, a failed rank): the counts then cover only the batches done, and a
+interruption (SIGINT, SIGTERM, a failed rank): the counts then cover only the batches done, and a
 warning line says so. A process killed outright (SIGKILL) writes nothing.
 Under torch.distributed every rank reports its own tokens (``rank`` and
 ``world_size`` are added); rank 0 writes ``--moe-stats-json PATH``, rank r > 0
@@ -46,7 +49,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .cli import failed_with_error_line, run_failed
+from .cli import failed_with_error_line, mark_exiting, run_failed, stop_on_sigterm
 from .moe import moe_layers
 from .placement_planner import load_ratios
 
@@ -123,6 +126,7 @@ class MoERunReport:
         if self._done or self.t_first is None:
             return None
         self._done = True
+        mark_exiting()
         s = self.summary()
         quiet = failed_with_error_line()  # the tool's one error line stays the last line of the run
         if not s["complete"] and not quiet:
@@ -168,24 +172,35 @@ class MoERunReport:
         self._gpu_loads = {name: gpu_load_summary(m, reduce=True) for name, m in self.layers}
 
     def register_atexit(self) -> "MoERunReport":
-        """Print the summary at exit; under expert parallelism, collect the ranks' loads at the end of
-        the run first (:meth:`collect_gpu_loads`)."""
+        """Log (and write) the summary at interpreter exit, also after SIGINT, SIGTERM
+        (:func:`~fairseq_moe_infer.cli.stop_on_sigterm`) or an error (``complete`` false); under
+        expert parallelism, collect the ranks' loads at the end of the run first
+        (:meth:`collect_gpu_loads`)."""
         from .bounded_waits import at_end_of_run
 
+        stop_on_sigterm()
         atexit.register(self.finish)
         if any(m.group is not None for _, m in self.layers):
             at_end_of_run(self.collect_gpu_loads)
         return self
 
 
+_SUMMED = ("calls", "waves", "lookups", "hits", "misses", "bytes_copied_h2d", "device_bytes_buffered",
+           "device_bytes_all_resident", "prefetches", "prefetch_hits", "prefetch_unused", "bytes_prefetched",
+           "wasted_prefetch_bytes", "misses_without_prefetch", "bytes_copied_without_prefetch", "misses_saved",
+           "cpu_runs", "cpu_tokens", "copy_bytes_avoided")
+
+
 def buffer_totals(stats: list) -> dict:
     """Expert-buffer statistics (:meth:`ExpertBuffer.stats`) summed over layers."""
-    total = {key: sum(b[key] for b in stats) for key in ("calls", "waves", "lookups", "hits", "misses", "bytes_copied_h2d",
-                                                         "device_bytes_buffered", "device_bytes_all_resident")}
-    for key in ("copy_s", "copy_overlapped_s"):
-        total[key] = round(sum(b[key] for b in stats), 6)
+    total = {key: sum(b[key] for b in stats) for key in _SUMMED if key in stats[0]}
+    for key in ("copy_s", "copy_overlapped_s", "cpu_s"):
+        if key in stats[0]:
+            total[key] = round(sum(b[key] for b in stats), 6)
     total["hit_rate"] = round(total["hits"] / total["lookups"], 6) if total["lookups"] else None
-    total["slots"], total["policy"] = stats[0]["slots"], stats[0]["policy"]
+    for key in ("slots", "policy", "prefetch", "cpu_experts"):
+        if key in stats[0]:
+            total[key] = stats[0][key]
     return total
 
 
@@ -194,7 +209,12 @@ def _buffer_line(b: dict) -> str:
     return (f"expert buffer K={b['slots']} {b['policy']}: lookups={b['lookups']} hits={b['hits']} misses={b['misses']} "
             f"hit rate={rate} copied={b['bytes_copied_h2d'] / 2**20:.1f} MiB in {b['copy_s']:.4f}s "
             f"({b['copy_overlapped_s']:.4f}s overlapped compute) device expert memory "
-            f"{b['device_bytes_buffered'] / 2**20:.1f} MiB (all resident {b['device_bytes_all_resident'] / 2**20:.1f} MiB)")
+            f"{b['device_bytes_buffered'] / 2**20:.1f} MiB (all resident {b['device_bytes_all_resident'] / 2**20:.1f} MiB)"
+            + (f"; prefetch {b['prefetch']}: {b['prefetches']} issued, {b['prefetch_hits']} hits, "
+               f"{b['wasted_prefetch_bytes'] / 2**20:.1f} MiB wasted, misses {b['misses']} vs {b['misses_without_prefetch']} "
+               f"without ({b['misses_saved']} saved)" if "prefetch" in b else "")
+            + (f"; CPU experts: {b['cpu_runs']} runs, {b['cpu_tokens']} tokens, {b['cpu_s']:.4f}s, "
+               f"{b['copy_bytes_avoided'] / 2**20:.1f} MiB not copied" if "cpu_runs" in b else ""))
 
 
 def gpu_load_summary(layer, reduce: bool = True) -> dict:

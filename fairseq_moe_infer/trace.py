@@ -17,7 +17,12 @@ File format (numpy ``.npz`` written with ``np.savez_compressed``; ``FORMAT`` /
 ``k``           0-d int     top-k
 ``world_size``  0-d int     expert-parallel ranks of the run
 ``rank``        0-d int     the rank that wrote the file
-``complete``    0-d bool    False when the run ended with an uncaught exception
+``complete``    0-d bool    False when the run was interrupted (SIGTERM, SIGINT) or ended by
+                            an error: the calls before that are kept
+``num_calls``   0-d int     N, the calls recorded (checked against ``call_layer``; optional:
+                            files written before it was added have none)
+``stopped_by``  0-d str     ``""`` (complete), ``"SIGTERM"``, ``"SIGINT"``, ``"error"`` or
+                            ``"exception"`` (optional, as ``num_calls``)
 ``layer_names`` [L] str     MoE layer module names in model order
                             (``encoder.layers.1.moe_layer``, ``decoder.layers.3.moe_layer``)
 ``call_layer``  [N] int32   index into ``layer_names`` of each MoE-layer forward, in call order
@@ -26,12 +31,16 @@ File format (numpy ``.npz`` written with ``np.savez_compressed``; ``FORMAT`` /
                             after call in token order; -1 where the gate made no valid choice
 ==============  ==========  ==========================================================
 
-Choices are the gate's (before any capacity dropping of static gating). Under expert
+Choices are the gate's (before any capacity dropping of static gating). A run stopped by SIGTERM
+(``timeout``, ``kill``: :func:`fairseq_moe_infer.cli.stop_on_sigterm`) or SIGINT writes the calls
+recorded so far, marked ``complete = False``; :func:`read_trace` refuses such a trace unless asked
+(``allow_incomplete``) and always refuses a corrupt or truncated file. Under expert
 parallelism every rank records its own tokens (global expert ids) to ``PATH`` (rank 0) or
 ``PATH.rank<r>``; :func:`merge_rank_traces` concatenates them.
 """
 
 import atexit
+import logging
 import os
 import sys
 import tempfile
@@ -57,6 +66,7 @@ class RoutingTrace:
     Attributes:
         num_experts: E.  k: top-k.  world_size, rank: the writing process.
         complete: False for a trace of an interrupted run.
+        stopped_by: why an incomplete run ended (``SIGTERM``, ``SIGINT``, ``error``, ``exception``), else "".
         layer_names: [L] MoE layer names.
         call_layer: [N] int32.  call_tokens: [N] int64.  choices: [sum T_i, k] int16.
         offsets: [N + 1] int64 start row of each call in ``choices`` (derived).
@@ -71,6 +81,7 @@ class RoutingTrace:
     world_size: int = 1
     rank: int = 0
     complete: bool = True
+    stopped_by: str = ""
     offsets: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -139,6 +150,8 @@ def write_trace(path: str, trace: RoutingTrace) -> None:
                 world_size=np.array(trace.world_size),
                 rank=np.array(trace.rank),
                 complete=np.array(bool(trace.complete)),
+                num_calls=np.array(trace.num_calls, dtype=np.int64),
+                stopped_by=np.array(str(trace.stopped_by)),
                 layer_names=np.array(trace.layer_names, dtype=str),
                 call_layer=trace.call_layer.astype(np.int32),
                 call_tokens=trace.call_tokens.astype(np.int64),
@@ -153,6 +166,7 @@ def write_trace(path: str, trace: RoutingTrace) -> None:
 
 _ARRAYS = ("format", "version", "num_experts", "k", "world_size", "rank", "complete", "layer_names",
            "call_layer", "call_tokens", "choices")
+_OPTIONAL = ("num_calls", "stopped_by")
 
 
 def read_trace(path: str, num_experts: Optional[int] = None, layer_names: Optional[Sequence[str]] = None,
@@ -177,7 +191,7 @@ def read_trace(path: str, num_experts: Optional[int] = None, layer_names: Option
             missing = [a for a in _ARRAYS if a not in z.files]
             if missing:
                 raise TraceError(f"{path} is not a routing trace (no {', '.join(missing)}); record one with --moe-record-trace")
-            arrays = {a: z[a] for a in _ARRAYS}
+            arrays = {a: z[a] for a in _ARRAYS + _OPTIONAL if a in z.files}
     except TraceError:
         raise
     except Exception as e:  # zipfile.BadZipFile, EOFError, ValueError, OSError: corrupt or truncated
@@ -201,10 +215,15 @@ def read_trace(path: str, num_experts: Optional[int] = None, layer_names: Option
         bad = f"a call names MoE layer {int(call_layer.max())} of {len(names)}"
     elif choices.size and (choices.min() < -1 or choices.max() >= E):
         bad = f"an expert id out of range 0..{E - 1} ({int(choices.min())}..{int(choices.max())})"
+    elif "num_calls" in arrays and int(arrays["num_calls"]) != len(call_layer):
+        bad = f"its header counts {int(arrays['num_calls'])} calls but it holds {len(call_layer)}"
     if bad:
         raise TraceError(f"{path} is inconsistent: {bad}; record the trace again")
+    stopped = str(arrays["stopped_by"]) if "stopped_by" in arrays else ""
     if not bool(arrays["complete"]) and not allow_incomplete:
-        raise TraceError(f"{path} is the trace of an interrupted run; record it again to the end")
+        how = f" (stopped by {stopped} after {len(call_layer)} MoE-layer calls)" if stopped else ""
+        raise TraceError(f"{path} is the trace of an interrupted run{how}; record it again to the end, or accept "
+                         "a partial trace (allow_incomplete / --allow-incomplete)")
     if num_experts is not None and E != num_experts:
         raise TraceError(f"{path} was recorded with {E} experts per MoE layer but this model has {num_experts}; "
                          "record a trace of this model with --moe-record-trace")
@@ -212,7 +231,7 @@ def read_trace(path: str, num_experts: Optional[int] = None, layer_names: Option
         raise TraceError(f"{path} was recorded on MoE layers {', '.join(names) or '(none)'} but this model has "
                          f"{', '.join(layer_names)}; record a trace of this model with --moe-record-trace")
     return RoutingTrace(E, k, names, call_layer, call_tokens, choices, int(arrays["world_size"]), int(arrays["rank"]),
-                        bool(arrays["complete"]))
+                        bool(arrays["complete"]), stopped)
 
 
 def rank_path(path: str, rank: int) -> str:
@@ -236,7 +255,8 @@ def merge_rank_traces(paths: Sequence[str], **read_kwargs) -> RoutingTrace:
             raise TraceError(f"{p} does not match {paths[0]} (experts, top-k or MoE layers differ); merge ranks of one run")
     return RoutingTrace(t0.num_experts, t0.k, t0.layer_names, np.concatenate([t.call_layer for t in traces]),
                         np.concatenate([t.call_tokens for t in traces]), np.concatenate([t.choices for t in traces]),
-                        t0.world_size, 0, all(t.complete for t in traces))
+                        t0.world_size, 0, all(t.complete for t in traces),
+                        next((t.stopped_by for t in traces if t.stopped_by), ""))
 
 
 class TraceRecorder:
@@ -247,7 +267,8 @@ class TraceRecorder:
         path: output file (rank r > 0 of an expert-parallel run writes ``path.rank<r>``).
 
     Per call, the gate's [T, k] choices (padding rows and invalid choices -1) are copied to
-    the host once, as int16, and the padding rows dropped there.
+    the host once, as int16, and the padding rows dropped there. Each call is appended as one
+    record, so a run stopped at any point leaves whole calls only.
     """
 
     def __init__(self, model: nn.Module, path: str):
@@ -261,9 +282,7 @@ class TraceRecorder:
         gates = [m.gate for _, m in layers]
         self.num_experts = gates[0].num_experts if gates else 0
         self.k = gates[0].k if gates else 0
-        self.call_layer: List[int] = []
-        self.call_tokens: List[int] = []
-        self.choices: List[np.ndarray] = []
+        self.calls: List[tuple] = []  # (layer index, [T_i, k] int16 choices), one append per call
         self.interrupted = False
         self._done = False
         for i, g in enumerate(gates):
@@ -275,32 +294,45 @@ class TraceRecorder:
                 return
             c = torch.where(routing.valid, routing.expert_indices, -1).to(torch.int16).cpu().numpy()  # the host copy
             c = c[c[:, 0] >= 0]  # padding tokens have no valid first choice
-            self.call_layer.append(index)
-            self.call_tokens.append(c.shape[0])
-            self.choices.append(c)
+            self.calls.append((index, c))
 
         return hook
 
     def trace(self) -> RoutingTrace:
-        """The calls recorded so far."""
-        choices = np.concatenate(self.choices) if self.choices else np.zeros((0, self.k), dtype=np.int16)
-        return RoutingTrace(self.num_experts, self.k, self.layer_names, np.array(self.call_layer, dtype=np.int32),
-                            np.array(self.call_tokens, dtype=np.int64), choices, self.world_size, self.rank,
-                            not self.interrupted)
+        """The calls recorded so far (complete unless the run is ending by an interruption or error)."""
+        from .cli import stopped_by
+
+        calls = list(self.calls)
+        choices = np.concatenate([c for _, c in calls]) if calls else np.zeros((0, self.k), dtype=np.int16)
+        stopped = stopped_by() or ("exception" if self.interrupted else "")
+        return RoutingTrace(self.num_experts, self.k, self.layer_names, np.array([i for i, _ in calls], dtype=np.int32),
+                            np.array([len(c) for _, c in calls], dtype=np.int64), choices, self.world_size, self.rank,
+                            not stopped, stopped)
 
     def finish(self) -> Optional[str]:
         """Write the trace once (at exit); returns the file written."""
+        from .cli import mark_exiting
+
         if self._done:
             return None
         self._done = True
+        mark_exiting()
         t = self.trace()
         out = rank_path(self.path, t.rank)
         write_trace(out, t)
+        if not t.complete:
+            logging.getLogger("fairseq_moe_infer").warning(
+                "routing trace of an interrupted run (%s): the %d MoE-layer calls recorded are in %s (\"complete\": false)",
+                t.stopped_by, t.num_calls, out)
         return out
 
     def register_atexit(self) -> "TraceRecorder":
-        """Write at interpreter exit; an uncaught exception (also Ctrl-C) marks the trace incomplete.
-        Python calls ``sys.excepthook`` before the atexit handlers: the recorder chains it."""
+        """Write at interpreter exit, also when the run is stopped by SIGINT (Ctrl-C) or SIGTERM
+        (:func:`~fairseq_moe_infer.cli.stop_on_sigterm` is installed) or ends by an error: the trace
+        is then marked incomplete. Python calls ``sys.excepthook`` before the atexit handlers: the
+        recorder chains it (an uncaught exception marks the trace incomplete)."""
+        from .cli import stop_on_sigterm
+
         previous = sys.excepthook
 
         def excepthook(*exc):
@@ -308,5 +340,6 @@ class TraceRecorder:
             previous(*exc)
 
         sys.excepthook = excepthook
+        stop_on_sigterm()
         atexit.register(self.finish)
         return self

@@ -13,9 +13,20 @@ per batch (a batch starts at each call of the model's first MoE layer) the avera
 miss rate over batches and layers; plus, per group and K, the gap in points between the best online
 policy and Belady. Output: ``--out`` JSON (with the command and git commit) and a PNG beside it.
 
+With ``--prefetch`` it compares prefetch predictors instead (``--moe-prefetch``,
+``fairseq_moe_infer/moe/prefetch.py``), replayed through the same ``SlotCache.prefetch``:
+``none``; ``previous-step`` (after each call of a layer, the K experts of that call with the most
+tokens: exactly what the store does on one rank); and ``next-call`` (an oracle: all the next
+call's experts, most tokens first: the bound of any predictor, e.g. of ``gate``, which needs
+hidden states that traces do not hold). Per group, predictor, policy and K: misses, prefetches
+issued, prefetch hits, unused prefetches, experts copied in (misses + prefetches), and the misses
+and copies saved against ``none`` (negative: more copied than without prefetching).
+
 Example (the committed results; traces of the bundled models, see README "Expert buffering"):
     python scripts/simulate_buffering.py benchmarks/results/traces/*.npz \\
         --out benchmarks/results/buffering_simulation.json
+    python scripts/simulate_buffering.py benchmarks/results/traces/*.npz --prefetch none previous-step next-call \\
+        --policies lifo lru lfu belady --sizes 2 4 8 12 --out benchmarks/results/prefetch_simulation.json
 """
 
 import argparse
@@ -29,9 +40,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from fairseq_moe_infer.moe.eviction import POLICIES, SlotCache, build_policy  # noqa: E402
+from fairseq_moe_infer.moe.prefetch import PreviousStep, ranked_experts  # noqa: E402
 from fairseq_moe_infer.trace import read_trace  # noqa: E402
 
 ONLINE = [p for p in sorted(POLICIES) if p != "belady"]
+SIM_PREDICTORS = ("none", "previous-step", "next-call")
 
 
 def group_of(trace_name: str, layer_name: str) -> str:
@@ -67,13 +80,116 @@ def simulate(lookups, K: int, policy: str, num_experts: int):
     return per_call
 
 
-def run(paths, policies, sizes=None):
+def simulate_prefetch(lookups, counts, K: int, policy: str, num_experts: int, predictor: str) -> dict:
+    """Replay one layer's ``lookups`` through a K-slot cache with prefetching by ``predictor``
+    (:data:`SIM_PREDICTORS`); ``counts`` [calls, E] are the tokens per expert of each call.
+
+    Returns:
+        dict of counts: ``lookups``, ``misses``, ``prefetches``, ``prefetch_hits``, ``prefetch_unused``
+        (evicted before use, or never used), ``copies`` (misses + prefetches: experts copied in).
+    """
+    cache = SlotCache(num_experts, K, build_policy(policy, num_experts, lookups if policy == "belady" else None))
+    for t, active in enumerate(lookups):
+        cache.lookup(active)
+        if predictor == "previous-step":
+            cache.prefetch(PreviousStep.predict(counts[t].tolist(), K))
+        elif predictor == "next-call" and t + 1 < len(lookups):
+            cache.prefetch(ranked_experts(counts[t + 1].tolist()))
+        elif predictor not in SIM_PREDICTORS:
+            raise ValueError(f"unknown predictor '{predictor}'; choose one of {', '.join(SIM_PREDICTORS)}")
+    return {"lookups": cache.lookups, "misses": cache.misses, "prefetches": cache.prefetches,
+            "prefetch_hits": cache.prefetch_hits,
+            "prefetch_unused": cache.prefetch_evicted_unused + len(cache.prefetch_pending),
+            "copies": cache.misses + cache.prefetches}
+
+
+def run_prefetch(paths, policies, sizes, predictors, allow_incomplete=False):
+    """Prefetch predictors against no prefetching, per group (see the module docstring)."""
+    traces = [(p, read_trace(p, allow_incomplete=allow_incomplete)) for p in paths]
+    num_experts = traces[0][1].num_experts
+    if any(t.num_experts != num_experts for _, t in traces):
+        raise SystemExit("simulate_buffering.py: error: the traces have different expert counts")
+    ks = sizes or list(range(1, num_experts + 1))
+    keys = ("lookups", "misses", "prefetches", "prefetch_hits", "prefetch_unused", "copies")
+    acc = defaultdict(lambda: {k: 0 for k in keys})
+    for path, t in traces:
+        for name, (lookups, _) in layer_lookups(t).items():
+            counts = t.expert_counts(name)
+            group = group_of(path, name)
+            for predictor in predictors:
+                for policy in policies:
+                    for K in ks:
+                        r = simulate_prefetch(lookups, counts, K, policy, t.num_experts, predictor)
+                        a = acc[(group, predictor, policy, K)]
+                        for k in keys:
+                            a[k] += r[k]
+    groups = defaultdict(lambda: defaultdict(lambda: defaultdict(dict)))
+    for (group, predictor, policy, K), a in sorted(acc.items()):
+        row = dict(a)
+        row["miss_rate"] = round(a["misses"] / a["lookups"], 6) if a["lookups"] else None
+        row["copies_per_lookup"] = round(a["copies"] / a["lookups"], 6) if a["lookups"] else None
+        base = acc.get((group, "none", policy, K))
+        if base is not None:
+            row["misses_saved"] = base["misses"] - a["misses"]
+            row["copies_saved"] = base["copies"] - a["copies"]
+            saved = base["misses"] - a["misses"]
+            row["miss_rate_points_saved"] = round(100 * saved / a["lookups"], 3) if a["lookups"] else None
+        groups[group][predictor][policy][K] = row
+    return {"num_experts": num_experts, "sizes": ks, "predictors": list(predictors), "policies": list(policies),
+            "groups": {g: {p: dict(v) for p, v in t.items()} for g, t in groups.items()}}
+
+
+def prefetch_markdown(res, policy="lifo") -> str:
+    """README table: per group and K, miss rate (%) and experts copied per lookup for each predictor (one policy)."""
+    preds = res["predictors"]
+    lines = ["| group | K | " + " | ".join(f"{p} miss % (copies/lookup)" for p in preds) + " |",
+             "|---" * (len(preds) + 2) + "|"]
+    for g in sorted(res["groups"]):
+        for K in res["sizes"]:
+            cells = []
+            for p in preds:
+                r = res["groups"][g].get(p, {}).get(policy, {}).get(K)
+                cells.append(f"{100 * r['miss_rate']:.1f} ({r['copies_per_lookup']:.2f})" if r else "")
+            lines.append(f"| {g} | {K} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_prefetch(res, png, policy="lifo"):
+    import logging
+
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted(res["groups"])
+    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
+    for ax, g in zip(axes[0], groups):
+        for p in res["predictors"]:
+            table = res["groups"][g].get(p, {}).get(policy)
+            if not table:
+                continue
+            ks = sorted(table)
+            line, = ax.plot(ks, [100 * table[k]["miss_rate"] for k in ks], marker="o", ms=3, label=f"{p}: miss rate")
+            ax.plot(ks, [100 * table[k]["copies_per_lookup"] for k in ks], ls="--", color=line.get_color(), lw=0.8,
+                    label=f"{p}: copies per lookup")
+        ax.set_title(f"{g}, {policy}: prefetch predictors")
+        ax.set_xlabel("cache size K (experts per layer)")
+        ax.set_ylabel("% of lookups")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+
+
+def run(paths, policies, sizes=None, allow_incomplete=False):
     results = defaultdict(lambda: defaultdict(dict))
     acc = defaultdict(lambda: defaultdict(lambda: {"lookups": 0, "misses": 0, "batch_rates": []}))
     num_experts = None
     traces = []
     for path in paths:
-        t = read_trace(path)
+        t = read_trace(path, allow_incomplete=allow_incomplete)
         num_experts = num_experts or t.num_experts
         if t.num_experts != num_experts:
             raise SystemExit(f"simulate_buffering.py: error: {path} has {t.num_experts} experts, the others {num_experts}")
@@ -173,16 +289,27 @@ def main():
     p.add_argument("traces", nargs="+", help="routing traces (.npz); names starting with 'lm' are LM traces")
     p.add_argument("--policies", nargs="+", default=sorted(POLICIES), choices=sorted(POLICIES))
     p.add_argument("--sizes", nargs="+", type=int, default=None, help="cache sizes K (default 1..E)")
+    p.add_argument("--prefetch", nargs="+", default=None, choices=SIM_PREDICTORS,
+                   help="compare these prefetch predictors (none, previous-step, next-call oracle) instead")
+    p.add_argument("--allow-incomplete", action="store_true",
+                   help="accept traces of interrupted runs (complete=false, e.g. stopped by SIGTERM)")
     p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "buffering_simulation.json"))
     a = p.parse_args()
-    res = run(a.traces, a.policies, a.sizes)
     try:
         commit = subprocess.run(["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     except OSError:
         commit = None
-    res = {"command": " ".join(["python", "scripts/simulate_buffering.py"] + [os.path.relpath(t, REPO) for t in a.traces]
-                              + sys.argv[1 + len(a.traces):]),
-           "commit": commit, "traces": [os.path.relpath(t, REPO) for t in a.traces], **res}
+    head = {"command": " ".join(["python", "scripts/simulate_buffering.py"] + [os.path.relpath(t, REPO) for t in a.traces]
+                                + sys.argv[1 + len(a.traces):]),
+            "commit": commit, "traces": [os.path.relpath(t, REPO) for t in a.traces]}
+    if a.prefetch:
+        res = {**head, **run_prefetch(a.traces, a.policies, a.sizes, a.prefetch, a.allow_incomplete)}
+        with open(a.out, "w") as f:
+            json.dump(res, f, indent=1)
+        plot_prefetch(res, os.path.splitext(a.out)[0] + ".png")
+        print(prefetch_markdown(res), file=sys.stderr)
+        return
+    res = {**head, **run(a.traces, a.policies, a.sizes, a.allow_incomplete)}
     with open(a.out, "w") as f:
         json.dump(res, f, indent=1)
     plot(res, os.path.splitext(a.out)[0] + ".png")

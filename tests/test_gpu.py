@@ -225,3 +225,54 @@ def test_generate_with_expert_buffering_on_gpu_gives_the_same_translations():
     assert len(plain) >= 3 * 45
     for policy in ("lifo", "lru"):
         assert hyps(ok(run("generate", args + ["--moe-expert-buffer-size", "3", "--moe-buffer-policy", policy]))) == plain
+
+
+@pytest.mark.parametrize("prefetch", ["gate", "previous-step"])
+def test_prefetch_and_cpu_experts_on_gpu(prefetch):
+    """Prefetching on the side stream (a call waits for a prefetched slot's copy) gives the all-resident
+    outputs bit for bit (bf16, dynamic gating); CPU experts (every miss on the CPU, from pinned host
+    weights) equal them to bf16 rounding of a CPU vs a GPU matmul."""
+    import copy
+
+    from fairseq_moe_infer.inference import configure_buffering
+
+    from .test_prefetch import _Stack
+
+    plain = _Stack().to("cuda", torch.bfloat16)
+    model = copy.deepcopy(plain)
+    configure_buffering(model, 4, "lifo", prefetch=prefetch)
+    on_cpu = copy.deepcopy(plain)
+    configure_buffering(on_cpu, 4, "lifo", prefetch=prefetch, cpu_experts="auto")
+    for i in (1, 3):  # fixed rates: the CPU is as fast as the GPU, so a miss runs there below B / (2 d s) = 33.5 rows
+        on_cpu.decoder.layers[i].moe_layer.experts.buffer.cpu_rates = {"cpu_flops_per_s": 2e14}
+    g = torch.Generator(device="cuda").manual_seed(0)
+    with torch.no_grad():
+        for n in (4, 12, 3, 1):  # at most 24 tokens, so at most 24 rows per expert
+            x = torch.randn(2, n, 16, device="cuda", dtype=torch.bfloat16, generator=g)
+            pad = torch.zeros(2, n, dtype=torch.bool, device="cuda")
+            ref = plain(x, pad)
+            assert torch.equal(model(x, pad), ref), n
+            torch.testing.assert_close(on_cpu(x, pad), ref, rtol=2e-2, atol=2e-2, msg=str(n))
+    s = model.decoder.layers[3].moe_layer.experts.buffer.stats()
+    assert s["prefetches"] > 0 and s["copy_s"] > 0 and s["misses_saved"] == s["misses_without_prefetch"] - s["misses"]
+    c = on_cpu.decoder.layers[3].moe_layer.experts.buffer.stats()
+    assert c["cpu_runs"] > 0 and c["misses"] == 0
+
+
+def test_generate_with_prefetch_on_gpu_gives_the_same_translations():
+    """fairseq-generate --fp16 on the GPU with --moe-prefetch gate / previous-step (K=3): the all-resident hypotheses."""
+    import os
+
+    from .helpers import ASSETS, TINY_MT, USER_DIR, ok, run
+
+    args = [TINY_MT, "--user-dir", USER_DIR, "--task", "moe_translation", "--path",
+            os.path.join(ASSETS, "checkpoints", "mt_moe", "checkpoint.pt"), "--source-lang", "src", "--target-lang", "tgt",
+            "--gen-subset", "test", "--beam", "5", "--max-tokens", "2048", "--post-process", "sentencepiece",
+            "--moe-gating", "dynamic", "--fp16"]
+
+    def hyps(text):
+        return sorted(line for line in text.splitlines() if line[:2] in ("H-", "D-", "P-"))
+
+    plain = hyps(ok(run("generate", args)))
+    for prefetch in ("gate", "previous-step"):
+        assert hyps(ok(run("generate", args + ["--moe-expert-buffer-size", "3", "--moe-prefetch", prefetch]))) == plain

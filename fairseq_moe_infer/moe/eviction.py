@@ -18,6 +18,12 @@ answering one question: which of these resident experts to evict.
 
 Experts needed by the current call and not yet computed are never evicted. A call that
 needs more than K experts is split into waves of at most K resident experts.
+
+Prefetching (``--moe-prefetch``, :mod:`fairseq_moe_infer.moe.prefetch`): between two lookups,
+:meth:`SlotCache.prefetch` loads predicted experts into slots, evicting by the same policy
+(:meth:`EvictionPolicy.on_prefetch` tells the policy; a predicted expert is never evicted). A
+prefetched expert used by a later lookup before it is evicted is a *prefetch hit*; one evicted
+(or still waiting at the end) unused is a wasted prefetch.
 """
 
 import bisect
@@ -42,6 +48,11 @@ class EvictionPolicy:
 
     def on_load(self, expert: int, t: int) -> None:
         """``expert`` was copied into a slot (and used) at lookup ``t``."""
+
+    def on_prefetch(self, expert: int, t: int) -> None:
+        """``expert`` was copied into a slot after lookup ``t``, before any use (a prefetch).
+        By default a load: it enters the policy's order as a newly loaded expert."""
+        self.on_load(expert, t)
 
     def on_evict(self, expert: int) -> None:
         """``expert`` left its slot."""
@@ -130,6 +141,9 @@ class LFU(_Stamped):
 
     on_load = on_hit
 
+    def on_prefetch(self, expert, t):  # resident, but not a use
+        self.key[expert] = (self.uses[expert], self._tick())
+
 
 @register_policy("belady")
 class Belady(EvictionPolicy):
@@ -192,7 +206,9 @@ class SlotCache:
 
     Counters: ``lookups`` (experts looked up, one per expert with tokens per call), ``hits``,
     ``misses``, ``calls``, ``waves`` (groups computed; more than calls when a call needed more
-    than K experts).
+    than K experts); prefetching: ``prefetches`` (experts loaded by :meth:`prefetch`),
+    ``prefetch_hits`` (of those, used by a lookup before leaving their slot) and
+    ``prefetch_evicted_unused``; :attr:`prefetch_pending` holds the prefetched experts not used yet.
     """
 
     def __init__(self, num_experts: int, num_slots: int, policy: EvictionPolicy):
@@ -203,6 +219,54 @@ class SlotCache:
         self.slot_of: Dict[int, int] = {}
         self.t = 0
         self.lookups = self.hits = self.misses = self.calls = self.waves = 0
+        self.prefetches = self.prefetch_hits = self.prefetch_evicted_unused = 0
+        self.prefetch_pending: set = set()
+
+    def _evict(self, victim: int) -> int:
+        """Take ``victim`` out of its slot; returns the slot."""
+        s = self.slot_of.pop(victim)
+        self.expert_in[s] = -1
+        self.policy.on_evict(victim)
+        if victim in self.prefetch_pending:
+            self.prefetch_pending.discard(victim)
+            self.prefetch_evicted_unused += 1
+        return s
+
+    def prefetch(self, experts: Sequence[int]) -> List[Tuple[int, int]]:
+        """Load predicted experts before the next lookup needs them.
+
+        Args:
+            experts: the experts predicted to be used by the next lookup, most likely first
+                (duplicates ignored).
+
+        Returns:
+            the (expert, slot) pairs to copy in, in order. The first K distinct predicted experts
+            are wanted resident: those not resident take a free slot or evict (by the policy) a
+            resident expert that is not predicted at all; no predicted expert is evicted, so when
+            every resident expert is predicted the rest are not loaded.
+        """
+        predicted = list(dict.fromkeys(int(e) for e in experts))
+        want, keep = predicted[: self.num_slots], set(predicted)
+        t = self.t - 1  # the last lookup: uses from the next lookup on are in the future
+        loads = []
+        for e in want:
+            if e in self.slot_of:
+                continue
+            free = [s for s, x in enumerate(self.expert_in) if x < 0]
+            if free:
+                s = free[0]
+            else:
+                evictable = [x for x in self.expert_in if x >= 0 and x not in keep]
+                if not evictable:
+                    break
+                s = self._evict(self.policy.victim(evictable, t))
+            self.expert_in[s] = e
+            self.slot_of[e] = s
+            self.policy.on_prefetch(e, t)
+            self.prefetch_pending.add(e)
+            self.prefetches += 1
+            loads.append((e, s))
+        return loads
 
     def lookup(self, active: Sequence[int]) -> List[Wave]:
         """Make the experts of ``active`` (distinct ids, in the order to compute) resident, in waves.
@@ -221,6 +285,9 @@ class SlotCache:
         self.misses += len(remaining)
         for e in hits:
             self.policy.on_hit(e, t)
+            if e in self.prefetch_pending:
+                self.prefetch_pending.discard(e)
+                self.prefetch_hits += 1
         needed = set(active)
         done = set()
         waves = []
@@ -236,8 +303,7 @@ class SlotCache:
                 else:
                     v = self.policy.victim(evictable, t)
                     evictable.remove(v)
-                    s = self.slot_of.pop(v)
-                    self.policy.on_evict(v)
+                    s = self._evict(v)
                 self.expert_in[s] = e
                 self.slot_of[e] = s
                 self.policy.on_load(e, t)

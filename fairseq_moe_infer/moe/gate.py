@@ -116,6 +116,24 @@ class TopKGate(nn.Module):
         self.second_expert_policy = second_expert_policy
         self.normalize_before_dropping = normalize_before_dropping
 
+    def predict_experts(self, x: Tensor) -> Tensor:
+        """The experts this gate would choose for ``x`` in evaluation mode: the top-k of its logits
+        (computed as :meth:`forward` does; exact ties may break differently). No balancing loss, no
+        module hooks: the ``gate`` prefetch predictor (:mod:`fairseq_moe_infer.moe.prefetch`) applies
+        a later layer's gate to an earlier hidden state with it.
+
+        Args:
+            x: [T, d] tokens.
+
+        Returns:
+            [T, k] int64 expert ids, the first choice in column 0.
+        """
+        if self.use_fp32:
+            logits = F.linear(x.float(), self.wg.weight.float())
+        else:
+            logits = F.linear(x, self.wg.weight)
+        return logits.topk(self.k, dim=1).indices
+
     def forward(self, x: Tensor, padding_mask: Optional[Tensor] = None) -> Routing:
         """Route tokens.
 

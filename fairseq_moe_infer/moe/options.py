@@ -10,12 +10,15 @@ Ranges (reasons): ``moe_capacity_factor`` in (0, 64] (training capacity
 ``moe_eval_capacity_token_fraction`` in [0, 1] (capacity ``ceil(fraction * T)``; 1.0 already
 drops nothing; 0 = the training rule); counts are integers (``moe_expert_count`` >= 1,
 ``moe_freq`` / ``moe_expert_ffn_dim`` / ``moe_expert_buffer_size`` >= 0); ``moe_gate_loss_wt`` in [0, 1000].
+``moe_prefetch`` (a registered predictor) other than ``none`` and ``moe_cpu_experts auto`` need
+expert buffering (``moe_expert_buffer_size`` >= 1).
 """
 
 import math
 from numbers import Real
 
 SECOND_EXPERT_POLICIES = ("sampling", "all", "random")
+CPU_EXPERT_MODES = ("off", "auto")
 
 
 class MoEConfigError(ValueError):
@@ -45,7 +48,9 @@ def check_moe_options(**values) -> None:
 
     Known names: those of :data:`NUMERIC_RULES`, ``moe_gating`` (a registered dispatcher),
     ``moe_second_expert_policy``,
-    ``moe_buffer_policy`` (a registered eviction policy), ``k`` (1 or 2, with ``moe_expert_count`` >= k). Unknown
+    ``moe_buffer_policy`` (a registered eviction policy), ``moe_prefetch`` (a registered prefetch
+    predictor), ``moe_cpu_experts`` (``off`` / ``auto``; these two, when on and given with
+    ``moe_expert_buffer_size``, need it >= 1), ``k`` (1 or 2, with ``moe_expert_count`` >= k). Unknown
     names are ignored; None values are skipped.
 
     Raises:
@@ -83,6 +88,22 @@ def check_moe_options(**values) -> None:
             raise MoEConfigError(
                 f"unknown --moe-buffer-policy '{buffer_policy}'; choose one of {', '.join(sorted(POLICIES))}"
             )
+    prefetch = values.get("moe_prefetch")
+    if prefetch is not None:
+        from .prefetch import PREDICTORS
+
+        if prefetch not in PREDICTORS:
+            raise MoEConfigError(f"unknown --moe-prefetch '{prefetch}'; choose one of {', '.join(sorted(PREDICTORS))}")
+    cpu_experts = values.get("moe_cpu_experts")
+    if cpu_experts is not None and cpu_experts not in CPU_EXPERT_MODES:
+        raise MoEConfigError(f"unknown --moe-cpu-experts '{cpu_experts}'; choose one of {', '.join(CPU_EXPERT_MODES)}")
+    slots = values.get("moe_expert_buffer_size")
+    if slots is not None and not slots:
+        for flag, on in (("--moe-prefetch", prefetch not in (None, "none")), ("--moe-cpu-experts", cpu_experts == "auto")):
+            if on:
+                raise MoEConfigError(f"{flag} {prefetch if flag == '--moe-prefetch' else cpu_experts} handles the misses "
+                                     "of expert buffering: add --moe-expert-buffer-size K (K >= 1 device slots per MoE "
+                                     "layer), or drop it")
     k = values.get("k")
     if k is not None and k not in (1, 2):
         raise MoEConfigError(f"top-k gating supports k=1 or k=2, got k={k}")
