@@ -2,12 +2,15 @@
 # Train MT MoE models with many experts (64 and 128 per layer) on the bundled Multi30k data, one per
 # GPU at the same time, then record their routing on the test sets with --moe-record-trace.
 # The traces (not the weights) are what the buffering and placement studies replay.
-# On 2 H200s: training 4.4 min gave 1,823 (E=64) and 1,463 (E=128) updates; the seven recordings per GPU
+# On 2 H200s: training 4.4 min gave 1,823 (E=64) and 1,463 (E=128) updates; the six recordings per GPU
 # running at once need about 4.5 min (they were cut at 160 s, 60% done, in the run of 2026-11-30).
+# A recording stopped by its timeout (SIGTERM) still writes the calls it recorded (trace header
+# complete=false: read it with --allow-incomplete / --replay-allow-incomplete), so the defaults
+# (3.8 min training, 4.3 min recording) fit one 10-minute device call.
 # Usage (on a 2-GPU machine, from the repository root, data-bin/mt made by scripts/prepare_mt.py):
-#   bash benchmarks/train_record_traces.sh OUT_DIR [TRAIN_MINUTES]
+#   RECORD_TIMEOUT=260 bash benchmarks/train_record_traces.sh OUT_DIR [TRAIN_MINUTES]
 set -uo pipefail
-OUT=${1:?output folder}; MIN=${2:-5.5}
+OUT=${1:?output folder}; MIN=${2:-3.8}
 mkdir -p "$OUT/traces"
 HOURS=$(python3 -c "print(round($MIN/60, 4))")
 train() {  # $1 experts, $2 gpu
@@ -22,7 +25,7 @@ train() {  # $1 experts, $2 gpu
 }
 record() {  # $1 experts, $2 gpu, $3 split, $4 beam, $5 batch size, $6 name, extra args...
   local e=$1 g=$2 split=$3 beam=$4 bsz=$5 name=$6; shift 6
-  CUDA_VISIBLE_DEVICES=$g timeout "${RECORD_TIMEOUT:-600}" python3 -m fairseq_cli.generate data-bin/mt --user-dir fairseq_moe_infer \
+  CUDA_VISIBLE_DEVICES=$g timeout "${RECORD_TIMEOUT:-260}" python3 -m fairseq_cli.generate data-bin/mt --user-dir fairseq_moe_infer \
     --task moe_translation --source-lang src --target-lang tgt --path "/tmp/ck/mt_moe$e/checkpoint_last.pt" \
     --gen-subset "$split" --beam "$beam" --batch-size "$bsz" --required-batch-size-multiple 1 --fp16 \
     --post-process sentencepiece --moe-gating dynamic --moe-record-trace "$OUT/traces/mt_moe${e}_${name}.npz" \
