@@ -207,19 +207,27 @@ def test_expert_buffering_on_gpu_equals_resident(dtype, gating, policy):
     assert 4 * s["device_bytes_buffered"] == s["device_bytes_all_resident"] and s["copy_s"] > 0
 
 
-def test_generate_with_expert_buffering_on_gpu_gives_the_same_translations():
-    """fairseq-generate --fp16 on the GPU: buffered (K=3, LIFO and LRU) hypotheses equal the all-resident ones."""
+def _gpu_generate_args() -> list:
+    """fairseq-generate --fp16 of the bundled MT model on the tiny test set (dynamic gating, beam 5)."""
     import os
 
-    from .helpers import ASSETS, TINY_MT, USER_DIR, ok, run
+    from .helpers import ASSETS, TINY_MT, USER_DIR
 
-    args = [TINY_MT, "--user-dir", USER_DIR, "--task", "moe_translation", "--path",
+    return [TINY_MT, "--user-dir", USER_DIR, "--task", "moe_translation", "--path",
             os.path.join(ASSETS, "checkpoints", "mt_moe", "checkpoint.pt"), "--source-lang", "src", "--target-lang", "tgt",
             "--gen-subset", "test", "--beam", "5", "--max-tokens", "2048", "--post-process", "sentencepiece",
             "--moe-gating", "dynamic", "--fp16"]
 
-    def hyps(text):
-        return sorted(line for line in text.splitlines() if line[:2] in ("H-", "D-", "P-"))
+
+def _hypotheses(text: str) -> list:
+    return sorted(line for line in text.splitlines() if line[:2] in ("H-", "D-", "P-"))
+
+
+def test_generate_with_expert_buffering_on_gpu_gives_the_same_translations():
+    """fairseq-generate --fp16 on the GPU: buffered (K=3, LIFO and LRU) hypotheses equal the all-resident ones."""
+    from .helpers import ok, run
+
+    args, hyps = _gpu_generate_args(), _hypotheses
 
     plain = hyps(ok(run("generate", args)))
     assert len(plain) >= 3 * 45
@@ -261,17 +269,9 @@ def test_prefetch_and_cpu_experts_on_gpu(prefetch):
 
 def test_generate_with_prefetch_on_gpu_gives_the_same_translations():
     """fairseq-generate --fp16 on the GPU with --moe-prefetch gate / previous-step (K=3): the all-resident hypotheses."""
-    import os
+    from .helpers import ok, run
 
-    from .helpers import ASSETS, TINY_MT, USER_DIR, ok, run
-
-    args = [TINY_MT, "--user-dir", USER_DIR, "--task", "moe_translation", "--path",
-            os.path.join(ASSETS, "checkpoints", "mt_moe", "checkpoint.pt"), "--source-lang", "src", "--target-lang", "tgt",
-            "--gen-subset", "test", "--beam", "5", "--max-tokens", "2048", "--post-process", "sentencepiece",
-            "--moe-gating", "dynamic", "--fp16"]
-
-    def hyps(text):
-        return sorted(line for line in text.splitlines() if line[:2] in ("H-", "D-", "P-"))
+    args, hyps = _gpu_generate_args(), _hypotheses
 
     plain = hyps(ok(run("generate", args)))
     for prefetch in ("gate", "previous-step"):
