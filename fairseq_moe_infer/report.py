@@ -171,6 +171,13 @@ class MoERunReport:
         their last MoE forward (:func:`~fairseq_moe_infer.bounded_waits.end_expert_parallel_run`)."""
         self._gpu_loads = {name: gpu_load_summary(m, reduce=True) for name, m in self.layers}
 
+    def _release_process_group(self) -> None:
+        # after the run's process group was destroyed: the layers must not keep it alive until
+        # interpreter teardown (bounded_waits.end_expert_parallel_run); the summary then uses the
+        # loads collected before (collect_gpu_loads)
+        for _, m in self.layers:
+            m.group = None
+
     def register_atexit(self) -> "MoERunReport":
         """Log (and write) the summary at interpreter exit, also after SIGINT, SIGTERM
         (:func:`~fairseq_moe_infer.cli.stop_on_sigterm`) or an error (``complete`` false); under
@@ -182,6 +189,7 @@ class MoERunReport:
         atexit.register(self.finish)
         if any(m.group is not None for _, m in self.layers):
             at_end_of_run(self.collect_gpu_loads)
+            at_end_of_run(self._release_process_group, after_teardown=True)
         return self
 
 
