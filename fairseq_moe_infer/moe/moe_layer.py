@@ -36,11 +36,16 @@ class ForwardLoadLog:
     def __init__(self, world: int, device: torch.device, chunk: int = 1024):
         self.world, self.chunk_rows = world, chunk
         self._chunk = torch.zeros(chunk, world, dtype=torch.long, device=device)
-        self._host: list = []  # full chunks, [chunk, W] int32 numpy
+        self._host: list = []  # full chunks, [rows, W] int32 numpy (a chunk grown during a capture is longer)
+        self._host_rows = 0
         self._n = 0  # rows in the current chunk
 
+    @property
+    def device(self) -> torch.device:
+        return self._chunk.device
+
     def __len__(self) -> int:
-        return len(self._host) * self.chunk_rows + self._n
+        return self._host_rows + self._n
 
     def append(self, row: Tensor) -> None:
         """Add one forward's [W] loads (any integer dtype, on the chunk's device)."""
@@ -52,18 +57,21 @@ class ForwardLoadLog:
     def _flush(self) -> None:
         capturing = self._chunk.is_cuda and torch.cuda.is_current_stream_capturing()
         if capturing:  # no host copy inside a capture: grow the device chunk instead
-            self._chunk = torch.cat([self._chunk, torch.zeros_like(self._chunk[: self.chunk_rows])])
+            self._chunk = torch.cat([self._chunk, torch.zeros_like(self._chunk)])
             self.chunk_rows = self._chunk.shape[0]
             return
         self._host.append(self._chunk.to(torch.int32).cpu().numpy())
+        self._host_rows += self._n
         self._n = 0
 
     def zero_from(self, index: int) -> None:
         """Zero rows ``index`` .. end (forwards that must keep their place but count nothing)."""
-        done = len(self._host) * self.chunk_rows
-        for c in range(index // self.chunk_rows, len(self._host)):
-            self._host[c][max(index - c * self.chunk_rows, 0):] = 0
-        self._chunk[max(index - done, 0): self._n].zero_()
+        start = 0
+        for h in self._host:  # chunks may differ in length (one grown during a capture)
+            if start + len(h) > index:
+                h[max(index - start, 0):] = 0
+            start += len(h)
+        self._chunk[max(index - start, 0): self._n].zero_()
 
     def tensor(self) -> Tensor:
         """[forwards, W] int64 on the chunk's device."""
@@ -198,7 +206,7 @@ class MoELayer(nn.Module):
             self._eval_counts += stats.expert_counts
             self._eval_scalars += torch.stack([n, stats.routed, stats.dropped])  # no host sync (CUDA-graph safe)
             if self._eval_rank_loads.world != self.placement.world_size or \
-                    self._eval_rank_loads._chunk.device != slot_counts.device:  # placement set or model moved since
+                    self._eval_rank_loads.device != slot_counts.device:  # placement set or model moved since
                 self._eval_rank_loads = ForwardLoadLog(self.placement.world_size, slot_counts.device)
             self._eval_rank_loads.append(self.placement.rank_loads(slot_counts))
         return y.view(shape)

@@ -69,39 +69,21 @@ def check_moe_options(**values) -> None:
                 f"{_flag(name)} must be a finite {'integer' if kind is int else 'number'} in {lo}{low}, {high}], "
                 f"got {value} ({hint})"
             )
-    gating = values.get("moe_gating")
-    if gating is not None:
-        from .dispatch import DISPATCHERS
+    from .dispatch import DISPATCHERS
+    from .eviction import POLICIES
+    from .prefetch import PREDICTORS
 
-        if gating not in DISPATCHERS:
-            raise MoEConfigError(f"unknown --moe-gating '{gating}'; choose one of {', '.join(sorted(DISPATCHERS))}")
-    policy = values.get("moe_second_expert_policy")
-    if policy is not None and policy not in SECOND_EXPERT_POLICIES:
-        raise MoEConfigError(
-            f"unknown --moe-second-expert-policy '{policy}'; choose one of {', '.join(SECOND_EXPERT_POLICIES)}"
-        )
-    buffer_policy = values.get("moe_buffer_policy")
-    if buffer_policy is not None:
-        from .eviction import POLICIES
-
-        if buffer_policy not in POLICIES:
-            raise MoEConfigError(
-                f"unknown --moe-buffer-policy '{buffer_policy}'; choose one of {', '.join(sorted(POLICIES))}"
-            )
-    prefetch = values.get("moe_prefetch")
-    if prefetch is not None:
-        from .prefetch import PREDICTORS
-
-        if prefetch not in PREDICTORS:
-            raise MoEConfigError(f"unknown --moe-prefetch '{prefetch}'; choose one of {', '.join(sorted(PREDICTORS))}")
-    cpu_experts = values.get("moe_cpu_experts")
-    if cpu_experts is not None and cpu_experts not in CPU_EXPERT_MODES:
-        raise MoEConfigError(f"unknown --moe-cpu-experts '{cpu_experts}'; choose one of {', '.join(CPU_EXPERT_MODES)}")
+    for name, choices in (("moe_gating", sorted(DISPATCHERS)), ("moe_second_expert_policy", SECOND_EXPERT_POLICIES),
+                          ("moe_buffer_policy", sorted(POLICIES)), ("moe_prefetch", sorted(PREDICTORS)),
+                          ("moe_cpu_experts", CPU_EXPERT_MODES)):
+        value = values.get(name)
+        if value is not None and value not in choices:
+            raise MoEConfigError(f"unknown {_flag(name)} '{value}'; choose one of {', '.join(choices)}")
     slots = values.get("moe_expert_buffer_size")
     if slots is not None and not slots:
-        for flag, on in (("--moe-prefetch", prefetch not in (None, "none")), ("--moe-cpu-experts", cpu_experts == "auto")):
-            if on:
-                raise MoEConfigError(f"{flag} {prefetch if flag == '--moe-prefetch' else cpu_experts} handles the misses "
+        for name, off in (("moe_prefetch", (None, "none")), ("moe_cpu_experts", (None, "off"))):
+            if values.get(name) not in off:
+                raise MoEConfigError(f"{_flag(name)} {values[name]} handles the misses "
                                      "of expert buffering: add --moe-expert-buffer-size K (K >= 1 device slots per MoE "
                                      "layer), or drop it")
     k = values.get("k")
