@@ -38,10 +38,10 @@ from benchmarks.common import (  # noqa: E402
     exit_after_oom_under_expert_parallelism,
     free_memory,
     init_distributed,
-    is_oom,
     log_row,
     measure_ceilings,
     moe_rows_per_gpu,
+    oom_marks,
     reset_moe_counters,
     run_info,
     time_cuda,
@@ -209,7 +209,7 @@ def sweep(run, count, policies, start_tokens, max_tokens, deadline, budget_s, la
                 save(rows)
                 log_row(row)
                 break
-            try:
+            with oom_marks(row):
                 with torch.no_grad():
                     free_memory()
                     torch.cuda.reset_peak_memory_stats()
@@ -222,10 +222,6 @@ def sweep(run, count, policies, start_tokens, max_tokens, deadline, budget_s, la
                     row["x_floor"] = round(row["median_ms"] / row["floor_ms"], 2)
                 row["peak_memory_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
                 peaks.append(row["peak_memory_GiB"])
-            except RuntimeError as e:
-                if not is_oom(e):
-                    raise
-                row["oom"] = True
             free_memory()
             rows.append(row)
             save(rows)

@@ -48,9 +48,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import bench_end_to_end as e2e  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     free_memory,
-    is_oom,
     log_row,
     median_time_s,
+    oom_marks,
     run_info,
     time_cuda,
     write_json,
@@ -330,7 +330,7 @@ def sweep(run, count, start: int, max_tokens: int, deadline: float, device, budg
                 row["skipped"] = f"predicted out of memory ({predicted:.0f} GiB)"
                 rows.append(row)
                 break
-            try:
+            with oom_marks(row):
                 with torch.no_grad():
                     if device.type == "cuda":
                         free_memory()
@@ -340,10 +340,6 @@ def sweep(run, count, start: int, max_tokens: int, deadline: float, device, budg
                 if device.type == "cuda":
                     row["peak_memory_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
                     peaks.append(row["peak_memory_GiB"])
-            except RuntimeError as e:
-                if not is_oom(e):
-                    raise
-                row["oom"] = True
             rows.append(row)
             log_row(row)
             save()
@@ -364,13 +360,9 @@ def latency_rows(kind, model, task, label_model, batches, policies, device, budg
             e2e.set_policy(model, policy)
         for b in batches:
             row = {"model": label_model, "workload": name, "policy": policy or "dense", "batch_tokens": count(b)}
-            try:
+            with oom_marks(row):
                 with torch.no_grad():
                     row["median_ms"] = round(timed_ms(lambda i: run(b, i), device, budget_s), 3)
-            except RuntimeError as e:
-                if not is_oom(e):
-                    raise
-                row["oom"] = True
             if device.type == "cuda":
                 free_memory()
             rows.append(row)
@@ -390,19 +382,14 @@ def memory_rows(kind, model, task, batch, device) -> list:
         row = {"model": kind, "workload": name, "policy": policy, "batch_tokens": count(batch),
                **{f"{c}_GiB": round(params[c] / 2**30, 4) for c in CATEGORIES}}
         if device.type == "cuda":
-            try:
-                with torch.no_grad():
-                    free_memory()
-                    base = torch.cuda.memory_allocated()
-                    torch.cuda.reset_peak_memory_stats()
-                    run(batch, 0)
-                    torch.cuda.synchronize()
+            row["activations_GiB"] = None  # stays None if the call runs out of memory
+            with oom_marks(row), torch.no_grad():
+                free_memory()
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                run(batch, 0)
+                torch.cuda.synchronize()
                 row["activations_GiB"] = round((torch.cuda.max_memory_allocated() - base) / 2**30, 4)
-            except RuntimeError as e:
-                if not is_oom(e):
-                    raise
-                row["activations_GiB"] = None
-                row["oom"] = True
             free_memory()
         else:
             row["activations_GiB"] = None
@@ -421,7 +408,7 @@ def breakdown_rows(kind, model, task, batch, device, repeat: int = 3) -> list:
         for policy in e2e.POLICIES:
             e2e.set_policy(model, policy)
             row = {"model": kind, "workload": name, "policy": policy, "batch_tokens": count(b)}
-            try:
+            with oom_marks(row):
                 with torch.no_grad():
                     run(b, 0)
                     sums = dict.fromkeys(PHASES, 0.0)
@@ -440,10 +427,6 @@ def breakdown_rows(kind, model, task, batch, device, repeat: int = 3) -> list:
                                 sums[k] += v
                 row.update({f"{k}_ms": round(v / repeat, 3) for k, v in sums.items()})
                 row["total_ms"] = round(statistics.mean(totals), 3)
-            except RuntimeError as e:
-                if not is_oom(e):
-                    raise
-                row["oom"] = True
             if device.type == "cuda":
                 free_memory()
             rows.append(row)

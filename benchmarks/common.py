@@ -6,6 +6,7 @@ inputs (rotating among several sets so the L2 cache does not serve repeats),
 and report each time against a ceiling measured in the same run.
 """
 
+import contextlib
 import json
 import os
 import platform
@@ -136,6 +137,19 @@ def write_json(path: str, payload: dict) -> None:
 
 def is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+@contextlib.contextmanager
+def oom_marks(row: dict):
+    """Runs the block; an out-of-memory error (``torch.OutOfMemoryError`` or an allocator's "out of
+    memory" RuntimeError) sets ``row["oom"] = True`` and is swallowed, so a sweep records the point and
+    goes on. Any other error propagates."""
+    try:
+        yield row
+    except RuntimeError as e:
+        if not is_oom(e):
+            raise
+        row["oom"] = True
 
 
 def any_rank(flag: bool, world: int) -> bool:

@@ -55,3 +55,25 @@ def test_mt_generate_flops_per_generated_token_by_hand():
     cross_kv = layers * src * 2 * d * d
     macs = (src * encoder_token + beam * step + beam * cross_kv) / n
     assert flops_per_token("mt", "mt-generate", 128, 12) == pytest.approx(2 * macs, rel=1e-12)
+
+
+def test_oom_marks_records_out_of_memory_and_passes_other_errors():
+    import torch
+
+    from benchmarks.common import oom_marks
+
+    row = {"tokens": 8}
+    with oom_marks(row):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert row == {"tokens": 8, "oom": True}
+    row = {}
+    with oom_marks(row):
+        raise RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate ... out of memory")
+    assert row == {"oom": True}
+    row = {}
+    with pytest.raises(RuntimeError, match="shape mismatch"), oom_marks(row):
+        raise RuntimeError("shape mismatch")
+    assert row == {}
+    with oom_marks(row):
+        row["median_ms"] = 1.5
+    assert row == {"median_ms": 1.5}
