@@ -329,3 +329,18 @@ def test_plugin_scripts_keep_fairseq_start_up_lines_out_unless_verbose(tmp_path)
     assert quiet.stderr.strip().splitlines() == ["wrote checkpoint.pt: 15.0 MiB"]
     verbose = _script(script, ckpt, "--out", tmp_path / "b" / "checkpoint.pt", "--verbose")
     assert "Please install tensorboardX" in verbose.stderr  # fairseq's line, shown when asked
+
+
+def test_importing_the_plugin_first_prints_nothing_and_leaves_logging_to_the_caller():
+    # fairseq's import calls logging.basicConfig (INFO, then DEBUG): where the plugin imports fairseq first, that printed
+    # 'INFO:fairseq.tasks.text_to_speech:Please install tensorboardX' from `python -m fairseq_moe_infer` (every README
+    # example's --user-dir), plan_placement.py and simulate_buffering.py, and left the root logger at DEBUG
+    user_dir = subprocess.run([sys.executable, "-m", "fairseq_moe_infer"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert (user_dir.returncode, user_dir.stdout, user_dir.stderr) == (0, USER_DIR + "\n", "")
+    for script in ("plan_placement.py", "simulate_buffering.py"):
+        proc = _script(os.path.join(REPO, "scripts", script), "--help")
+        assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    own = ("import logging, fairseq_moe_infer; root = logging.getLogger(); print(len(root.handlers), root.level); "
+           "logging.basicConfig(level=logging.INFO); logging.getLogger('mine').info('shown')")
+    proc = subprocess.run([sys.executable, "-c", own], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert (proc.stdout, proc.stderr) == ("0 30\n", "INFO:mine:shown\n")  # unconfigured (WARNING), the caller's to set
