@@ -24,7 +24,6 @@ from .helpers import ASSETS, REPO, TINY_LM, USER_DIR, ok, run
 EVALUATE = os.path.join(REPO, "scripts", "evaluate.py")
 BLEU = os.path.join(REPO, "scripts", "bleu.py")
 RAW = os.path.join(ASSETS, "mt", "raw", "test_2016_flickr.{}.txt")
-MT_CKPT = os.path.join(ASSETS, "checkpoints", "mt_moe", "checkpoint.pt")
 LM_CKPT = os.path.join(ASSETS, "checkpoints", "lm_moe", "checkpoint.pt")
 
 
@@ -73,6 +72,14 @@ def _main_error(capsys, argv, module=None):
     return e.value.code
 
 
+def _readme_block(after):
+    """The first ```bash block of README.md after the line starting with ``after``, comments removed."""
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    block = text[text.index("\n" + after):].split("```bash\n", 1)[1].split("```", 1)[0]
+    return "\n".join(re.sub(r"\s+#.*$", "", line) for line in block.splitlines())
+
+
 # --- the raw routes, against independent ones ------------------------------------------------
 
 @pytest.mark.slow
@@ -88,18 +95,22 @@ def test_raw_translation_equals_manual_interactive_route(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])["translation"]["src.en.gz->de"]
 
-    # the README's route: tagged lines through fairseq-interactive, D- lines scored by sacreBLEU
-    tagged = "".join(f"<2de> {src_all[i]}\n" for i in order)
-    text = ok(run("interactive", [os.path.join(ASSETS, "mt"), "--user-dir", USER_DIR, "--task", "moe_translation",
-                                  "--source-lang", "src", "--target-lang", "tgt", "--path", MT_CKPT,
-                                  "--bpe", "sentencepiece", "--sentencepiece-model", os.path.join(ASSETS, "mt", "spm.model"),
-                                  "--beam", 5, "--moe-gating", "dynamic", "--buffer-size", 1024, "--max-tokens", 8192],
-                  stdin=tagged))
-    manual = [line.split("\t")[2] for line in text.splitlines() if line.startswith("D-")]
+    # the README's route, its commands as printed: tagged lines through fairseq-interactive, D- lines scored by sacrebleu
+    plain = _write(tmp_path / "src.en", [src_all[i] for i in order])
+    printed = _readme_block("Translate a file and score it")
+    script = (printed.replace("translations", f"{tmp_path}/manual").replace("sacrebleu my_test.de ", f"sacrebleu {ref} {ref} ")
+              .replace("my_test.en", plain))
+    assert "my_test" not in script.replace(f"{tmp_path}/manual/my_test", ""), script
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    proc = subprocess.run(["bash", "-ec", script], cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manual = (tmp_path / "manual" / "my_test.de").read_text(encoding="utf-8").splitlines()
     assert len(manual) == len(order)
     with open(out / "generate.src.en.gz.de.txt", encoding="utf-8") as f:
         ours = dict((int(m.group(1)), m.group(2)) for m in re.finditer(r"^D-(\d+)\t[^\t]*\t(.*)$", f.read(), re.M))
     assert [ours[i] for i in range(len(order))] == manual
+    printed_scores = {m["name"]: m["score"] for m in json.loads(proc.stdout)}  # sacrebleu's JSON, as the README prints it
+    assert printed_scores == {"BLEU": result["bleu"], "chrF2": result["chrf"]}
     expected = sacrebleu.corpus_bleu(manual, [refs, refs])
     assert result["bleu"] == round(expected.score, 2) and result["sentences"] == len(order) == 24
     assert result["chrf"] == round(sacrebleu.corpus_chrf(manual, [refs, refs]).score, 2)
