@@ -178,6 +178,21 @@ def test_raw_translation_bad_inputs(tmp_path, capsys):
         assert expected in _main_error(capsys, [*argv, "--out-dir", out]), argv
 
 
+def test_a_line_longer_than_the_model_positions_is_one_error_line(tmp_path, capsys):
+    # 100 captions on one line: over 1,024 sentencepiece tokens; fairseq-generate ended in its own traceback
+    long_line = " ".join(_lines("en", 0, 100))
+    src = _write(tmp_path / "src.en", _lines("en", 0, 2) + [long_line] + _lines("en", 2, 3))
+    ref = _write(tmp_path / "ref.de", _lines("de", 0, 4))
+    message = _main_error(capsys, ["--src", src, "--ref", ref, "--lang", "de", "--out-dir", str(tmp_path / "out")])
+    import sentencepiece
+
+    tokens = len(sentencepiece.SentencePieceProcessor(model_file=os.path.join(ASSETS, "mt", "spm.model")).encode(
+        "<2de> " + long_line)) + 1  # the tag's pieces, the sentence's, end of sentence
+    assert tokens > 1024
+    assert message == (f"evaluate.py: error: --src {src}: 1 line longer than the model's 1,024 source positions "
+                       f"(line 3: {tokens:,} tokens with the tag and end of sentence); split it into sentences")
+
+
 def test_out_dir_that_is_a_file_full_or_read_only(tmp_path, capsys):
     src = _write(tmp_path / "src.en", _lines("en", 0, 2))
     ref = _write(tmp_path / "ref.de", _lines("de", 0, 2))
