@@ -370,3 +370,16 @@ def test_importing_the_plugin_first_prints_nothing_and_leaves_logging_to_the_cal
            "logging.basicConfig(level=logging.INFO); logging.getLogger('mine').info('shown')")
     proc = subprocess.run([sys.executable, "-c", own], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert (proc.stdout, proc.stderr) == ("0 30\n", "INFO:mine:shown\n")  # unconfigured (WARNING), the caller's to set
+
+
+def test_gitignore_covers_the_folders_the_readme_examples_create():
+    if not os.path.isdir(os.path.join(REPO, ".git")) and not os.path.isfile(os.path.join(REPO, ".git")):
+        pytest.skip("not a git checkout")
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        blocks = re.findall(r"```bash\n(.*?)```", f.read(), re.S)
+    made = re.compile(r"(?:mkdir -p|--save-dir|--destdir|--out-dir)\s+([\w.-]+)|>\s*([\w.-]+)/")
+    folders = {m.group(1) or m.group(2) for block in blocks for m in made.finditer(block)} - {"benchmarks"}  # results kept
+    assert {"my_data", "translations", "ckpt"} <= folders, folders
+    for folder in sorted(folders):
+        probe = subprocess.run(["git", "check-ignore", "-q", f"{folder}/x"], cwd=REPO)
+        assert probe.returncode == 0, f"{folder}/ (made by a README example) is not in .gitignore"
