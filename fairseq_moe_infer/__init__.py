@@ -7,6 +7,8 @@ Importing registers the ``transformer_lm_moe`` / ``transformer_moe`` models, the
 load fairseq checkpoints (see :mod:`fairseq_moe_infer.checkpoint`).
 """
 
+import contextlib
+import logging
 import os
 
 __version__ = "0.1.0"
@@ -18,19 +20,46 @@ _ROOT = os.path.dirname(_HERE)
 if not os.path.isdir(os.path.join(_HERE, "tasks")) and os.path.isfile(os.path.join(_ROOT, "tasks", "__init__.py")):
     __path__.append(_ROOT)  # noqa: F821 (package __path__)
 
-from . import checkpoint  # noqa: E402
 
-checkpoint.allow_fairseq_checkpoint_globals()
 
-from . import fairseq_patches  # noqa: E402
+@contextlib.contextmanager
+def _root_logger_left_alone():
+    """Keep fairseq's import-time ``logging.basicConfig`` calls from configuring the root logger.
 
-fairseq_patches.install_all()  # every wrapped fairseq function is listed there, with why
+    Importing fairseq runs ``logging.basicConfig(level=INFO)`` (fairseq/tasks/text_to_speech.py,
+    which then logs "Please install tensorboardX") and ``logging.basicConfig(level=DEBUG)``
+    (fairseq/models/wav2vec/wav2vec2_classification.py, after which every library's DEBUG lines
+    print). Where the plugin is what imports fairseq first (``python -m fairseq_moe_infer``, a
+    script of one's own), a ``NullHandler`` on the root logger during the import makes both calls
+    no-ops; it is removed after, so logging stays the caller's to configure. The fairseq tools
+    configure logging before they import the plugin: there the root logger has a handler and this
+    does nothing.
+    """
+    root = logging.getLogger()
+    guard = None if root.handlers else logging.NullHandler()
+    if guard:
+        root.addHandler(guard)
+    try:
+        yield
+    finally:
+        if guard:
+            root.removeHandler(guard)
 
-from . import expert_parallel_generate  # noqa: E402
 
-expert_parallel_generate.install_generate_hooks()
+with _root_logger_left_alone():
+    from . import checkpoint  # noqa: E402
 
-from . import criterions, models, tasks  # noqa: E402,F401 (fairseq registrations)
+    checkpoint.allow_fairseq_checkpoint_globals()
+
+    from . import fairseq_patches  # noqa: E402
+
+    fairseq_patches.install_all()  # every wrapped fairseq function is listed there, with why
+
+    from . import expert_parallel_generate  # noqa: E402
+
+    expert_parallel_generate.install_generate_hooks()
+
+    from . import criterions, models, tasks  # noqa: E402,F401 (fairseq registrations)
 
 
 def user_dir() -> str:

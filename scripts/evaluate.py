@@ -64,6 +64,7 @@ _ALL_RANKS = re.compile(r"expert parallel: this rank's loss .* all ranks [0-9.]+
 _PPL = re.compile(r"Loss \(base 2\): ([0-9.]+), Perplexity: ([0-9.]+)")
 _EVALUATED = re.compile(r"Evaluated ([0-9,]+) tokens in ([0-9.]+)s")
 _SKIPPED = re.compile(r"([0-9,]+) samples have invalid sizes and will be skipped, max_positions=(\S+?),")
+_TOO_LONG = re.compile(r"Size of sample #\d+ is invalid .* since max_positions=\((\d+), \d+\)")
 LOCK_NAME = ".evaluate.lock"
 
 
@@ -266,6 +267,20 @@ def prepare_raw_mt(a, tmp: str, out_dir: str):
     return data, "test", refs
 
 
+def too_long_lines(a, data: str, split: str, max_source: int) -> str:
+    """The error message for source sentences longer than the model's ``max_source`` positions, which
+    fairseq-generate refuses (a traceback telling to skip them); names the first and counts them."""
+    sizes = split_sizes(data, split, "src")  # sentencepiece tokens with the tag and end of sentence
+    long = [i for i, n in enumerate(sizes) if n > max_source]
+    if not long:  # fairseq's limit is on something else (e.g. a target side): keep its own message
+        return f"fairseq-generate refused a sentence of {data} split {split} as longer than max_positions (see its log)"
+    where, what = (f"--src {a.src}", "line") if a.src else (f"{data} split {split}", "sentence")
+    count = f"{len(long)} {what}{'s' if len(long) > 1 else ''}"
+    return (f"{where}: {count} longer than the model's {max_source:,} source positions "
+            f"({what} {long[0] + 1}: {sizes[long[0]]:,} tokens with the tag and end of sentence); "
+            f"split {'them' if len(long) > 1 else 'it'} into sentences")
+
+
 def translate(a, data: str, split: str, name: str, refs, lang: str, out_dir: str) -> dict:
     """fairseq-generate on ``split`` of ``data`` into ``lang`` and sacreBLEU of its D- lines against ``refs``."""
     stats = os.path.join(out_dir, f"moe.mt.{name}.json")
@@ -274,7 +289,13 @@ def translate(a, data: str, split: str, name: str, refs, lang: str, out_dir: str
             "--source-lang", "src", "--target-lang", "tgt", "--gen-subset", split,
             "--beam", a.beam, "--max-tokens", a.max_tokens, "--post-process", "sentencepiece",
             "--required-batch-size-multiple", 1] + moe_flags(a, stats) + a.fairseq_args
-    run_tool("generate", args, gen, a.verbose)
+    try:
+        run_tool("generate", args, gen, a.verbose)
+    except EvalError as e:
+        too_long = _TOO_LONG.search(str(e))
+        if too_long:
+            raise EvalError(too_long_lines(a, data, split, int(too_long.group(1)))) from None
+        raise
     expected = len(split_sizes(data, split, "src"))
     try:
         hyps = read_hypotheses(gen)

@@ -24,7 +24,6 @@ from .helpers import ASSETS, REPO, TINY_LM, USER_DIR, ok, run
 EVALUATE = os.path.join(REPO, "scripts", "evaluate.py")
 BLEU = os.path.join(REPO, "scripts", "bleu.py")
 RAW = os.path.join(ASSETS, "mt", "raw", "test_2016_flickr.{}.txt")
-MT_CKPT = os.path.join(ASSETS, "checkpoints", "mt_moe", "checkpoint.pt")
 LM_CKPT = os.path.join(ASSETS, "checkpoints", "lm_moe", "checkpoint.pt")
 
 
@@ -73,6 +72,14 @@ def _main_error(capsys, argv, module=None):
     return e.value.code
 
 
+def _readme_block(after):
+    """The first ```bash block of README.md after the line starting with ``after``, comments removed."""
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    block = text[text.index("\n" + after):].split("```bash\n", 1)[1].split("```", 1)[0]
+    return "\n".join(re.sub(r"\s+#.*$", "", line) for line in block.splitlines())
+
+
 # --- the raw routes, against independent ones ------------------------------------------------
 
 @pytest.mark.slow
@@ -88,18 +95,22 @@ def test_raw_translation_equals_manual_interactive_route(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])["translation"]["src.en.gz->de"]
 
-    # the README's route: tagged lines through fairseq-interactive, D- lines scored by sacreBLEU
-    tagged = "".join(f"<2de> {src_all[i]}\n" for i in order)
-    text = ok(run("interactive", [os.path.join(ASSETS, "mt"), "--user-dir", USER_DIR, "--task", "moe_translation",
-                                  "--source-lang", "src", "--target-lang", "tgt", "--path", MT_CKPT,
-                                  "--bpe", "sentencepiece", "--sentencepiece-model", os.path.join(ASSETS, "mt", "spm.model"),
-                                  "--beam", 5, "--moe-gating", "dynamic", "--buffer-size", 1024, "--max-tokens", 8192],
-                  stdin=tagged))
-    manual = [line.split("\t")[2] for line in text.splitlines() if line.startswith("D-")]
+    # the README's route, its commands as printed: tagged lines through fairseq-interactive, D- lines scored by sacrebleu
+    plain = _write(tmp_path / "src.en", [src_all[i] for i in order])
+    printed = _readme_block("Translate a file and score it")
+    script = (printed.replace("translations", f"{tmp_path}/manual").replace("sacrebleu my_test.de ", f"sacrebleu {ref} {ref} ")
+              .replace("my_test.en", plain))
+    assert "my_test" not in script.replace(f"{tmp_path}/manual/my_test", ""), script
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    proc = subprocess.run(["bash", "-ec", script], cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manual = (tmp_path / "manual" / "my_test.de").read_text(encoding="utf-8").splitlines()
     assert len(manual) == len(order)
     with open(out / "generate.src.en.gz.de.txt", encoding="utf-8") as f:
         ours = dict((int(m.group(1)), m.group(2)) for m in re.finditer(r"^D-(\d+)\t[^\t]*\t(.*)$", f.read(), re.M))
     assert [ours[i] for i in range(len(order))] == manual
+    printed_scores = {m["name"]: m["score"] for m in json.loads(proc.stdout)}  # sacrebleu's JSON, as the README prints it
+    assert printed_scores == {"BLEU": result["bleu"], "chrF2": result["chrf"]}
     expected = sacrebleu.corpus_bleu(manual, [refs, refs])
     assert result["bleu"] == round(expected.score, 2) and result["sentences"] == len(order) == 24
     assert result["chrf"] == round(sacrebleu.corpus_chrf(manual, [refs, refs]).score, 2)
@@ -165,6 +176,21 @@ def test_raw_translation_bad_inputs(tmp_path, capsys):
     }
     for argv, expected in cases.items():
         assert expected in _main_error(capsys, [*argv, "--out-dir", out]), argv
+
+
+def test_a_line_longer_than_the_model_positions_is_one_error_line(tmp_path, capsys):
+    # 100 captions on one line: over 1,024 sentencepiece tokens; fairseq-generate ended in its own traceback
+    long_line = " ".join(_lines("en", 0, 100))
+    src = _write(tmp_path / "src.en", _lines("en", 0, 2) + [long_line] + _lines("en", 2, 3))
+    ref = _write(tmp_path / "ref.de", _lines("de", 0, 4))
+    message = _main_error(capsys, ["--src", src, "--ref", ref, "--lang", "de", "--out-dir", str(tmp_path / "out")])
+    import sentencepiece
+
+    tokens = len(sentencepiece.SentencePieceProcessor(model_file=os.path.join(ASSETS, "mt", "spm.model")).encode(
+        "<2de> " + long_line)) + 1  # the tag's pieces, the sentence's, end of sentence
+    assert tokens > 1024
+    assert message == (f"evaluate.py: error: --src {src}: 1 line longer than the model's 1,024 source positions "
+                       f"(line 3: {tokens:,} tokens with the tag and end of sentence); split it into sentences")
 
 
 def test_out_dir_that_is_a_file_full_or_read_only(tmp_path, capsys):
@@ -329,3 +355,31 @@ def test_plugin_scripts_keep_fairseq_start_up_lines_out_unless_verbose(tmp_path)
     assert quiet.stderr.strip().splitlines() == ["wrote checkpoint.pt: 15.0 MiB"]
     verbose = _script(script, ckpt, "--out", tmp_path / "b" / "checkpoint.pt", "--verbose")
     assert "Please install tensorboardX" in verbose.stderr  # fairseq's line, shown when asked
+
+
+def test_importing_the_plugin_first_prints_nothing_and_leaves_logging_to_the_caller():
+    # fairseq's import calls logging.basicConfig (INFO, then DEBUG): where the plugin imports fairseq first, that printed
+    # 'INFO:fairseq.tasks.text_to_speech:Please install tensorboardX' from `python -m fairseq_moe_infer` (every README
+    # example's --user-dir), plan_placement.py and simulate_buffering.py, and left the root logger at DEBUG
+    user_dir = subprocess.run([sys.executable, "-m", "fairseq_moe_infer"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert (user_dir.returncode, user_dir.stdout, user_dir.stderr) == (0, USER_DIR + "\n", "")
+    for script in ("plan_placement.py", "simulate_buffering.py"):
+        proc = _script(os.path.join(REPO, "scripts", script), "--help")
+        assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    own = ("import logging, fairseq_moe_infer; root = logging.getLogger(); print(len(root.handlers), root.level); "
+           "logging.basicConfig(level=logging.INFO); logging.getLogger('mine').info('shown')")
+    proc = subprocess.run([sys.executable, "-c", own], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert (proc.stdout, proc.stderr) == ("0 30\n", "INFO:mine:shown\n")  # unconfigured (WARNING), the caller's to set
+
+
+def test_gitignore_covers_the_folders_the_readme_examples_create():
+    if not os.path.isdir(os.path.join(REPO, ".git")) and not os.path.isfile(os.path.join(REPO, ".git")):
+        pytest.skip("not a git checkout")
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        blocks = re.findall(r"```bash\n(.*?)```", f.read(), re.S)
+    made = re.compile(r"(?:mkdir -p|--save-dir|--destdir|--out-dir)\s+([\w.-]+)|>\s*([\w.-]+)/")
+    folders = {m.group(1) or m.group(2) for block in blocks for m in made.finditer(block)} - {"benchmarks"}  # results kept
+    assert {"my_data", "translations", "ckpt"} <= folders, folders
+    for folder in sorted(folders):
+        probe = subprocess.run(["git", "check-ignore", "-q", f"{folder}/x"], cwd=REPO)
+        assert probe.returncode == 0, f"{folder}/ (made by a README example) is not in .gitignore"
