@@ -94,7 +94,9 @@ def describe_load_error(path: str, e: BaseException) -> Optional[str]:
     """One line for an exception of ``torch.load(path)``, or None if it is not a load failure.
 
     A class outside the allow-list is named with the file; anything else torch cannot unpickle
-    (a text file, a truncated file) is called not a torch checkpoint.
+    (a text file, a truncated file) is called not a torch checkpoint, with torch's reason (for
+    weights-only loading the unpickler's, not torch's advice to load with ``weights_only=False``)
+    and the file's first bytes.
     """
     if isinstance(e, pickle.UnpicklingError):
         m = _UNSAFE.search(str(e))
@@ -104,8 +106,14 @@ def describe_load_error(path: str, e: BaseException) -> Optional[str]:
     if isinstance(e, (pickle.UnpicklingError, EOFError, KeyError, UnicodeDecodeError)) or (
         isinstance(e, RuntimeError) and ("PytorchStreamReader" in str(e) or "zip archive" in str(e))
     ):
-        first = (str(e).strip().splitlines() or [""])[0][:120]
-        return f"{path} is not a torch checkpoint ({type(e).__name__}: {first}); check --path"
+        reason = str(e).split("WeightsUnpickler error:")[-1]  # torch >= 2.6 puts its weights_only advice first
+        first = (reason.strip().splitlines() or [""])[0][:120]
+        try:
+            with open(path, "rb") as f:
+                head = f.read(24)
+        except OSError:
+            head = b""
+        return f"{path} is not a torch checkpoint ({type(e).__name__}: {first}; the file starts with {head!r}); check --path"
     return None
 
 
