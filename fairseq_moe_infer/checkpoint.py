@@ -303,6 +303,7 @@ def save_serving_checkpoint(meta: Dict, model: Dict[str, torch.Tensor], out_path
     try:
         for path, obj in files.items():
             fd, temps[path] = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+            os.fchmod(fd, _new_file_mode())  # mkstemp makes it private (0600): the export was unreadable to others
             with os.fdopen(fd, "wb") as f:
                 torch.save(obj, f)
         _verify_written(temps, out_path, model)
@@ -313,6 +314,13 @@ def save_serving_checkpoint(meta: Dict, model: Dict[str, torch.Tensor], out_path
             if os.path.exists(tmp):
                 os.remove(tmp)
     return list(files)
+
+
+def _new_file_mode() -> int:
+    """The mode ``open(path, "w")`` gives a new file: 0o666 less the process's umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _verify_written(temps: Dict[str, str], out_path: str, model: Dict[str, torch.Tensor]) -> None:

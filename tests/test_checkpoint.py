@@ -216,6 +216,9 @@ def test_export_of_a_sharded_checkpoint_onto_itself_keeps_the_experts(tmp_path, 
     for key, t in expected.items():
         assert torch.equal(got[key], t), key
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+    (tmp_path / "plain").write_bytes(b"")  # the files get the mode of a plain write, not mkstemp's private 0600
+    modes = {f: os.stat(tmp_path / f).st_mode & 0o777 for f in os.listdir(tmp_path) if f.endswith(".pt")}
+    assert set(modes.values()) == {os.stat(tmp_path / "plain").st_mode & 0o777}, modes
     main = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert ("decoder.layers.1.moe_layer.experts.fc1_weight" in main["model"]) == (shards == 0)
 
