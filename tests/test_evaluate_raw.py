@@ -142,7 +142,9 @@ def test_lm_blocks_past_the_model_positions_are_an_error_not_a_perplexity(tmp_pa
     # issue 10.7: eval-lm skips every 2000-token block of the 256-position model and printed perplexity 1.00
     proc = _script(EVALUATE, "--skip-mt", "--lm-sets", "multi30k", "--tokens-per-sample", 2000, "--out-dir", tmp_path)
     line = _one_error_line(proc)
-    assert "scored 0 of the set's 15,922 tokens" in line and "--tokens-per-sample <= 256" in line
+    assert line.startswith("evaluate.py: error: fairseq-eval-lm: 8 of the set's 8 samples are longer than the model's 256 "
+                           "positions") and line.endswith("use --tokens-per-sample <= 256 (see "
+                                                          f"{tmp_path / 'eval_lm.multi30k.txt'})"), line
     assert not (tmp_path / "results.json").exists()
 
 
