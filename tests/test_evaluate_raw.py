@@ -258,6 +258,10 @@ def test_bleu_script_bad_inputs(tmp_path):
         (_generate_log(tmp_path / "three.txt", ["a", "b", "c"]), str(latin1)): "line 2 is not UTF-8",
         (ref, ref): "has no D-<id> lines",
         (str(tmp_path / "missing.txt"), ref): "missing.txt: No such file or directory",
+        # generate without --post-process: sacreBLEU scored the pieces (BLEU 0.28 on 20 Multi30k sentences, exit 0)
+        (_generate_log(tmp_path / "pieces.txt", ["a b c", "\u2581d \u2581e", "g h i"]), ref):
+            "pieces.txt: hypothesis 1 holds sentencepiece pieces (\u2581); run fairseq-generate with "
+            "--post-process sentencepiece",
     }
     for argv, expected in cases.items():
         assert expected in _one_error_line(_script(BLEU, *argv), "bleu.py"), argv
