@@ -94,7 +94,9 @@ def describe_load_error(path: str, e: BaseException) -> Optional[str]:
     """One line for an exception of ``torch.load(path)``, or None if it is not a load failure.
 
     A class outside the allow-list is named with the file; anything else torch cannot unpickle
-    (a text file, a truncated file) is called not a torch checkpoint.
+    (a text file, a truncated file) is called not a torch checkpoint, with torch's reason (for
+    weights-only loading the unpickler's, not torch's advice to load with ``weights_only=False``)
+    and the file's first bytes.
     """
     if isinstance(e, pickle.UnpicklingError):
         m = _UNSAFE.search(str(e))
@@ -104,8 +106,14 @@ def describe_load_error(path: str, e: BaseException) -> Optional[str]:
     if isinstance(e, (pickle.UnpicklingError, EOFError, KeyError, UnicodeDecodeError)) or (
         isinstance(e, RuntimeError) and ("PytorchStreamReader" in str(e) or "zip archive" in str(e))
     ):
-        first = (str(e).strip().splitlines() or [""])[0][:120]
-        return f"{path} is not a torch checkpoint ({type(e).__name__}: {first}); check --path"
+        reason = str(e).split("WeightsUnpickler error:")[-1]  # torch >= 2.6 puts its weights_only advice first
+        first = (reason.strip().splitlines() or [""])[0][:120]
+        try:
+            with open(path, "rb") as f:
+                head = f.read(24)
+        except OSError:
+            head = b""
+        return f"{path} is not a torch checkpoint ({type(e).__name__}: {first}; the file starts with {head!r}); check --path"
     return None
 
 
@@ -295,6 +303,7 @@ def save_serving_checkpoint(meta: Dict, model: Dict[str, torch.Tensor], out_path
     try:
         for path, obj in files.items():
             fd, temps[path] = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+            os.fchmod(fd, _new_file_mode())  # mkstemp makes it private (0600): the export was unreadable to others
             with os.fdopen(fd, "wb") as f:
                 torch.save(obj, f)
         _verify_written(temps, out_path, model)
@@ -305,6 +314,13 @@ def save_serving_checkpoint(meta: Dict, model: Dict[str, torch.Tensor], out_path
             if os.path.exists(tmp):
                 os.remove(tmp)
     return list(files)
+
+
+def _new_file_mode() -> int:
+    """The mode ``open(path, "w")`` gives a new file: 0o666 less the process's umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _verify_written(temps: Dict[str, str], out_path: str, model: Dict[str, torch.Tensor]) -> None:

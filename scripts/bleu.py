@@ -60,8 +60,8 @@ def read_hypotheses(path: str) -> List[str]:
     """Detokenized hypotheses of a fairseq-generate log, in sentence-id order.
 
     Raises:
-        ValueError: an unreadable or non-UTF-8 file, no ``D-`` line, or ids that are not 0..n-1
-            (the first missing id is named).
+        ValueError: an unreadable or non-UTF-8 file, no ``D-`` line, ids that are not 0..n-1
+            (the first missing id is named), or sentencepiece pieces (``\u2581``) left in the hypotheses.
     """
     hyps: Dict[int, str] = {}
     for line in read_lines(path, "generate output"):
@@ -74,6 +74,10 @@ def read_hypotheses(path: str) -> List[str]:
         gap = next(i for i in range(len(hyps) + 1) if i not in hyps)
         raise ValueError(f"{path}: sentence ids are not 0..{len(hyps) - 1} (first missing: {gap}); "
                          "was generation cut short?")
+    pieces = next((i for i in sorted(hyps) if "\u2581" in hyps[i]), None)
+    if pieces is not None:  # sacreBLEU would score the pieces: BLEU near 0, exit 0
+        raise ValueError(f"{path}: hypothesis {pieces} holds sentencepiece pieces (\u2581); run fairseq-generate with "
+                         "--post-process sentencepiece")
     return [hyps[i] for i in range(len(hyps))]
 
 

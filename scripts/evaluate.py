@@ -91,7 +91,8 @@ def run_tool(module: str, args, stdout_path: str, verbose: bool = False) -> str:
     ``verbose``); returns the text.
 
     Raises:
-        EvalError: the tool failed (its last lines are in the message).
+        EvalError: the tool failed: its one error line (``fairseq-<tool>: error: ...``, the plugin's) or
+        its last lines.
     """
     cmd = [sys.executable, "-m", f"fairseq_cli.{module}"] + [str(a) for a in args]
     with open(stdout_path + ".cmd", "w") as f:
@@ -106,6 +107,9 @@ def run_tool(module: str, args, stdout_path: str, verbose: bool = False) -> str:
     with open(stdout_path, encoding="utf-8", errors="replace") as f:
         text = f.read()
     if proc.returncode != 0:
+        last = (text.strip().splitlines() or [""])[-1]
+        if re.match(r"fairseq-[\w-]+: error: ", last):  # the tool ended with one line naming the fix: pass it on
+            raise EvalError(f"{last.replace(': error: ', ': ', 1)} (see {stdout_path})")
         tail = "\n".join(text.strip().splitlines()[-15:])
         raise EvalError(f"fairseq_cli.{module} failed (exit {proc.returncode}); see {stdout_path}:\n{tail}")
     return text

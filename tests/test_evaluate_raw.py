@@ -153,7 +153,9 @@ def test_lm_blocks_past_the_model_positions_are_an_error_not_a_perplexity(tmp_pa
     # issue 10.7: eval-lm skips every 2000-token block of the 256-position model and printed perplexity 1.00
     proc = _script(EVALUATE, "--skip-mt", "--lm-sets", "multi30k", "--tokens-per-sample", 2000, "--out-dir", tmp_path)
     line = _one_error_line(proc)
-    assert "scored 0 of the set's 15,922 tokens" in line and "--tokens-per-sample <= 256" in line
+    assert line.startswith("evaluate.py: error: fairseq-eval-lm: 8 of the set's 8 samples are longer than the model's 256 "
+                           "positions") and line.endswith("use --tokens-per-sample <= 256 (see "
+                                                          f"{tmp_path / 'eval_lm.multi30k.txt'})"), line
     assert not (tmp_path / "results.json").exists()
 
 
@@ -282,6 +284,10 @@ def test_bleu_script_bad_inputs(tmp_path):
         (_generate_log(tmp_path / "three.txt", ["a", "b", "c"]), str(latin1)): "line 2 is not UTF-8",
         (ref, ref): "has no D-<id> lines",
         (str(tmp_path / "missing.txt"), ref): "missing.txt: No such file or directory",
+        # generate without --post-process: sacreBLEU scored the pieces (BLEU 0.28 on 20 Multi30k sentences, exit 0)
+        (_generate_log(tmp_path / "pieces.txt", ["a b c", "\u2581d \u2581e", "g h i"]), ref):
+            "pieces.txt: hypothesis 1 holds sentencepiece pieces (\u2581); run fairseq-generate with "
+            "--post-process sentencepiece",
     }
     for argv, expected in cases.items():
         assert expected in _one_error_line(_script(BLEU, *argv), "bleu.py"), argv

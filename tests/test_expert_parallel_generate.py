@@ -179,7 +179,7 @@ INPUT = ("<2de> A man is riding a bike.\n<2fr> Two dogs play in the snow.\n"
 
 
 def test_interactive_two_ranks_equals_one_process():
-    """Rank 0 reads stdin and broadcasts each buffer (rank 1's stdin is empty), only rank 0 prints."""
+    """Rank 0 reads stdin and broadcasts each buffer (rank 1's stdin, different, is not read), only rank 0 prints."""
     args = [MT, "--user-dir", USER_DIR, "--task", "moe_translation", "--path", CKPT, "--source-lang", "src",
             "--target-lang", "tgt", "--bpe", "sentencepiece", "--sentencepiece-model", os.path.join(MT, "spm.model"),
             "--beam", "2", "--moe-gating", "dynamic", "--cpu", "--buffer-size", "2", "--batch-size", "2"]
@@ -189,7 +189,7 @@ def test_interactive_two_ranks_equals_one_process():
         "--distributed-world-size", "2", "--distributed-rank", str(r), "--distributed-init-method",
         f"tcp://127.0.0.1:{port}", "--distributed-no-spawn", "--distributed-backend", "gloo", "--device-id", "0"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
-    outs = [p.communicate(input=INPUT if r == 0 else "", timeout=300)[0] for r, p in enumerate(procs)]
+    outs = [p.communicate(input=INPUT if r == 0 else "<2cs> Another line.\n", timeout=300)[0] for r, p in enumerate(procs)]
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out[-3000:]
     lines = _assert_same_output(one, outs[0])
@@ -277,10 +277,13 @@ def test_lockstep_serves_a_busy_rank_without_changing_its_capacity_or_output(tmp
 # ----------------------------------------------------------------------------- bounded waits
 
 @pytest.mark.parametrize("how", [signal.SIGSTOP, signal.SIGKILL], ids=["stopped", "killed"])
-def test_a_lost_rank_makes_the_other_exit_with_one_line(seven, how):
+def test_a_lost_rank_makes_the_other_exit_with_one_line(seven, how, tmp_path):
     """--moe-collective-timeout 6: rank 1 is stopped (or killed) once the model is built; rank 0 must leave its
-    collective within the timeout plus the heartbeat check, with one line naming rank 1, exit status 1."""
-    args = _generate_args(seven, ["--batch-size", "1", "--moe-gating", "dynamic", "--moe-collective-timeout", "6"])
+    collective within the timeout plus the heartbeat check, with one line naming rank 1, exit status 1, and write
+    no summary (--moe-stats-json) that could pass for a complete run's."""
+    stats = tmp_path / "stats.json"
+    args = _generate_args(seven, ["--batch-size", "1", "--moe-gating", "dynamic", "--moe-collective-timeout", "6",
+                                  "--moe-stats-json", str(stats)])
     port = _port()
     procs = [subprocess.Popen(tool("generate") + args + [
         "--distributed-world-size", "2", "--distributed-rank", str(r), "--distributed-init-method",
@@ -304,6 +307,7 @@ def test_a_lost_rank_makes_the_other_exit_with_one_line(seven, how):
     assert re.search(r"error: expert-parallel rank 0 of 2: rank 1 stopped taking part", last), err[-2000:]
     assert "Traceback" not in err
     assert elapsed < 6 + 2 * 4 + 10
+    assert not [f for f in os.listdir(tmp_path) if f.startswith("stats.json")]
 
 
 # ----------------------------------------------------------------------------- validation with beam search

@@ -3,6 +3,7 @@ traceback (README "Bad input and what you get"). Runs the stock tools on the bun
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -59,6 +60,36 @@ def test_static_gating_out_of_memory_is_one_line(monkeypatch):
     layer.train()  # in training fairseq's trainer handles OOM (skips the batch): the error passes through
     with pytest.raises(torch.OutOfMemoryError):
         layer(torch.randn(12, 16))
+
+
+@pytest.mark.parametrize("break_mode,tokens_per_sample,fix", [
+    ("none", 2000, "use --tokens-per-sample <= 256"),
+    ("eos", 256, "use --sample-break-mode none with --tokens-per-sample <= 256")])
+def test_eval_lm_refuses_samples_longer_than_the_model(break_mode, tokens_per_sample, fix):
+    """fairseq-eval-lm skipped samples longer than the model's positions with a warning and printed the perplexity of
+    the rest, exit 0: --tokens-per-sample 2000 on the 256-position bundled LM gave perplexity 1.00 over 0 tokens."""
+    from fairseq import options, tasks
+    from fairseq.data import data_utils
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    args = options.parse_args_and_arch(options.get_eval_lm_parser(), [
+        ASSETS + "/lm", "--user-dir", USER_DIR, "--task", "moe_language_modeling", "--tokens-per-sample",
+        str(tokens_per_sample), "--sample-break-mode", break_mode])
+    task = tasks.setup_task(convert_namespace_to_omegaconf(args).task)
+    task.load_dataset("test1")
+    dataset = task.dataset("test1")
+    lines = data_utils.load_indexed_dataset(ASSETS + "/lm/test1", None)
+    if break_mode == "eos":  # no Multi30k line is longer than 256 tokens: the model's positions are made 20 here
+        long = int((lines.sizes > 20).sum())  # counted independently of fairseq's filter
+        max_positions, fix = 20, fix.replace("256", "20")
+    else:
+        long, max_positions = len(dataset), 256  # every 2000-token block (the last is shorter, but > 256)
+    assert 0 < long <= len(dataset)
+    with pytest.raises(SystemExit, match=rf"error: {long:,} of the set's {len(dataset):,} samples are longer than the "
+                                         rf"model's {max_positions} positions: .*; {re.escape(fix)}$"):
+        task.eval_lm_dataloader(dataset, max_tokens=4096, max_positions=max_positions)
+    batches = task.eval_lm_dataloader(dataset, max_tokens=4096, max_positions=10_000, num_workers=0)
+    assert sum(len(b["id"]) for b in batches) == len(dataset)  # all fit: every sample is batched, as before
 
 
 def _empty_split(folder):
