@@ -226,8 +226,10 @@ POLICIES: Dict[str, Callable[[np.ndarray, int, int], Plan]] = {
 }
 
 
-def plan_layer(policy: str, counts: np.ndarray, gpus: int, slots: int, local_search: bool = False) -> Plan:
-    """Run ``policy`` on one layer's [B, E] counts, then (``local_search``) :func:`refine_by_swaps`.
+def plan_layer(policy: str, counts: np.ndarray, gpus: int, slots: int, local_search: bool = False,
+               search_time_s: float = 5.0) -> Plan:
+    """Run ``policy`` on one layer's [B, E] counts, then (``local_search``) :func:`refine_by_swaps`
+    (at most ``search_time_s`` seconds).
 
     ``greedy`` and ``anti_correlation`` with spare slots (S > E / G) fill them with replicas
     as ``replicate`` does; without spare slots ``replicate`` equals ``greedy``.
@@ -239,7 +241,7 @@ def plan_layer(policy: str, counts: np.ndarray, gpus: int, slots: int, local_sea
         raise ValueError(f"unknown placement policy '{policy}'; choose one of {', '.join(POLICIES)}")
     plan = POLICIES[policy](np.asarray(counts), gpus, slots)
     if local_search and policy != "contiguous":
-        plan = refine_by_swaps(counts, plan, gpus)
+        plan = refine_by_swaps(counts, plan, gpus, time_limit_s=search_time_s)
     return plan
 
 
@@ -401,9 +403,9 @@ def trace_layer_counts(paths: Sequence[str]) -> Dict[str, np.ndarray]:
 
 
 def plan_placement(policy: str, layer_counts: Dict[str, np.ndarray], gpus: int, slots: int,
-                   local_search: bool = False, **extra):
+                   local_search: bool = False, search_time_s: float = 5.0, **extra):
     """A :class:`~fairseq_moe_infer.moe.placement.Placement` of every layer by ``policy``
-    (then :func:`refine_by_swaps` when ``local_search``).
+    (then :func:`refine_by_swaps` when ``local_search``, at most ``search_time_s`` seconds per layer).
 
     Args:
         layer_counts: :func:`trace_layer_counts`'s output.
@@ -412,7 +414,8 @@ def plan_placement(policy: str, layer_counts: Dict[str, np.ndarray], gpus: int, 
     from .moe.placement import Placement
 
     e = next(iter(layer_counts.values())).shape[1]
-    plans = {name: [int(v) for v in plan_layer(policy, c, gpus, slots, local_search)] for name, c in layer_counts.items()}
+    plans = {name: [int(v) for v in plan_layer(policy, c, gpus, slots, local_search, search_time_s)]
+             for name, c in layer_counts.items()}
     return Placement(gpus, slots, e, plans, {"policy": policy, "local_search": local_search, **extra})
 
 

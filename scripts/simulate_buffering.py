@@ -10,8 +10,10 @@ encoder and the MT decoder (the ``encoder.`` / ``decoder.`` layers of an ``mt*``
 
 Per group, policy and K it reports the miss rate (misses / lookups, all calls of all layers), and
 per batch (a batch starts at each call of the model's first MoE layer) the average and the worst
-miss rate over batches and layers; plus, per group and K, the gap in points between the best online
-policy and Belady. Output: ``--out`` JSON (with the command and git commit) and a PNG beside it.
+miss rate over batches and layers; plus, per group and K, and per trace, group and K
+(``gap_to_belady_per_trace``), the gap in points between the best online policy and Belady. Traces
+of one run must have the same expert count (simulate a 64- and a 128-expert model in two runs).
+Output: ``--out`` JSON (with the command and git commit) and a PNG beside it.
 
 With ``--prefetch`` it compares prefetch predictors instead (``--moe-prefetch``,
 ``fairseq_moe_infer/moe/prefetch.py``), replayed through the same ``SlotCache.prefetch``:
@@ -186,6 +188,7 @@ def plot_prefetch(res, png, policy="lifo"):
 def run(paths, policies, sizes=None, allow_incomplete=False):
     results = defaultdict(lambda: defaultdict(dict))
     acc = defaultdict(lambda: defaultdict(lambda: {"lookups": 0, "misses": 0, "batch_rates": []}))
+    per_trace = defaultdict(lambda: defaultdict(lambda: [0, 0]))  # (trace, group) -> (policy, K) -> [lookups, misses]
     num_experts = None
     traces = []
     for path in paths:
@@ -207,6 +210,9 @@ def run(paths, policies, sizes=None, allow_incomplete=False):
                     n_miss = sum(m for _, m in per_call)
                     a["lookups"] += n_look
                     a["misses"] += n_miss
+                    pt = per_trace[(os.path.basename(path), group)][(policy, K)]
+                    pt[0] += n_look
+                    pt[1] += n_miss
                     by_batch = defaultdict(lambda: [0, 0])
                     for (n, m), b in zip(per_call, batches):
                         by_batch[b][0] += n
@@ -224,17 +230,24 @@ def run(paths, policies, sizes=None, allow_incomplete=False):
                 "lookups": a["lookups"],
                 "misses": a["misses"],
             }
-    gaps = {}
-    if "belady" in policies:
+    gaps, trace_gaps = {}, {}
+    if "belady" in policies and all(p in policies for p in ONLINE):
         for group, table in results.items():
-            gaps[group] = {}
-            for K in ks:
-                best = min(ONLINE, key=lambda p: table[p][K]["miss_rate"]) if all(p in table for p in ONLINE) else None
-                if best:
-                    gap = table[best][K]["miss_rate"] - table["belady"][K]["miss_rate"]
-                    gaps[group][K] = {"best_online": best, "gap_points": round(100 * gap, 3)}
+            gaps[group] = {K: gap_of({p: table[p][K]["miss_rate"] for p in table}) for K in ks}
+        for (trace, group), table in sorted(per_trace.items()):
+            trace_gaps.setdefault(trace, {})[group] = {
+                K: gap_of({p: table[(p, K)][1] / table[(p, K)][0] for p in policies if table[(p, K)][0]}) for K in ks}
     return {"num_experts": num_experts, "sizes": ks, "groups": {g: dict(v) for g, v in results.items()},
-            "gap_to_belady": gaps, "per_layer_miss_rate": per_layer}
+            "gap_to_belady": gaps, "gap_to_belady_per_trace": trace_gaps, "per_layer_miss_rate": per_layer}
+
+
+def gap_of(miss_rates: dict) -> dict:
+    """The best online policy of ``miss_rates`` ({policy: miss rate in [0, 1]}, incl. ``belady``) and its
+    gap to Belady in percentage points (``{"best_online": name, "gap_points": float}``; ``{}`` without lookups)."""
+    if "belady" not in miss_rates or not all(p in miss_rates for p in ONLINE):
+        return {}
+    best = min(ONLINE, key=lambda p: miss_rates[p])
+    return {"best_online": best, "gap_points": round(100 * (miss_rates[best] - miss_rates["belady"]), 3)}
 
 
 def markdown_table(res, fractions=(8, 4, 2, 4 / 3)) -> str:
@@ -315,8 +328,13 @@ def main():
     plot(res, os.path.splitext(a.out)[0] + ".png")
     print(markdown_table(res), file=sys.stderr)
     for g, gaps in res["gap_to_belady"].items():
-        worst = max(gaps.values(), key=lambda v: v["gap_points"])
-        print(f"{g}: largest gap best-online vs belady {worst['gap_points']:.2f} points", file=sys.stderr)
+        K, worst = max(gaps.items(), key=lambda kv: kv[1].get("gap_points", -1))
+        print(f"{g}: largest gap best-online vs belady {worst['gap_points']:.2f} points (K = {K})", file=sys.stderr)
+    for trace, by_group in res["gap_to_belady_per_trace"].items():
+        for g, gaps in by_group.items():
+            K, worst = max(gaps.items(), key=lambda kv: kv[1].get("gap_points", -1))
+            print(f"{trace} {g}: largest gap {worst['gap_points']:.2f} points (K = {K}, {worst['best_online']})",
+                  file=sys.stderr)
     print(json.dumps({g: {p: {k: v["miss_rate"] for k, v in t.items()} for p, t in tbl.items()}
                       for g, tbl in res["groups"].items()}))
 

@@ -31,3 +31,34 @@ def ok(proc: subprocess.CompletedProcess) -> str:
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, text[-3000:]
     return text
+
+
+def free_port() -> int:
+    """A TCP port on localhost that the OS reports free now (bound to port 0, then released)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+PORT_IN_USE = ("EADDRINUSE", "Address already in use")
+
+
+def run_on_free_port(cmd, attempts: int = 3, **kwargs) -> subprocess.CompletedProcess:
+    """Run a fairseq tool that spawns its own ranks (``--distributed-world-size N`` on one host) with
+    ``--distributed-init-method tcp://localhost:PORT`` on a port the OS reports free.
+
+    Without it fairseq's ``infer_init_method`` (``_infer_single_node_init``) draws the rendezvous port
+    with ``random.randint(10000, 60000)``, which can be one another job on the host already listens on
+    (seen on the H200: EADDRINUSE). A port can still be taken between the probe and the rank's bind,
+    so a run that fails with "address in use" is retried on a new port (``attempts`` runs at most).
+    ``kwargs`` go to :func:`subprocess.run` (default: ``capture_output=True, text=True``).
+    """
+    kwargs = {"capture_output": True, "text": True, **kwargs}
+    for _ in range(attempts):
+        proc = subprocess.run([str(c) for c in cmd] + ["--distributed-init-method", f"tcp://localhost:{free_port()}"],
+                              **kwargs)
+        if proc.returncode == 0 or not any(m in (proc.stdout or "") + (proc.stderr or "") for m in PORT_IN_USE):
+            return proc
+    return proc

@@ -275,3 +275,23 @@ def test_simulator_replays_traces_through_the_store_policies(tmp_path):
     assert dec["belady"][2]["batch_worst"] == round(2 / 3, 6) and dec["belady"][2]["batch_avg"] == round(1 / 3, 6)
     enc = res["groups"]["MT encoder"]
     assert enc["lifo"][2]["lookups"] == 5 and res["gap_to_belady"]["MT decoder"][2]["gap_points"] == 0.0
+    # per trace: a second trace (cyclic decoder lookups, where LIFO/LRU/FIFO lose to Belady at K=2) in the same
+    # run keeps its own gap, equal to the gap of a run on that trace alone (not the pooled one)
+    calls2 = [(0, [[0]])] + [(1, [[e]]) for e in [0, 1, 2] * 4]
+    path2 = tmp_path / "mt_cyclic.npz"
+    write_trace(str(path2), RoutingTrace(5, 1, trace.layer_names, [c[0] for c in calls2], [len(c[1]) for c in calls2],
+                                         [row for c in calls2 for row in c[1]]))
+    both = simulate_buffering.run([str(path), str(path2)], sorted(POLICIES), sizes=[1, 2])
+    for p in (path, path2):
+        alone = simulate_buffering.run([str(p)], sorted(POLICIES), sizes=[1, 2])["gap_to_belady"]
+        assert both["gap_to_belady_per_trace"][p.name] == alone
+    # cyclic 0,1,2 x4 with K=2, by hand: Belady misses t0-t2, then every other lookup (t4, t6, t8, t10): 7 of 12;
+    # LRU/FIFO miss all 12; LIFO keeps 0 and alternates 1/2 in the other slot: 9
+    cyc = both["gap_to_belady_per_trace"]["mt_cyclic.npz"]["MT decoder"][2]
+    lookups = [[e] for e in [0, 1, 2] * 4]
+    assert (_misses("belady", lookups, K=2), _misses("lru", lookups, K=2), _misses("fifo", lookups, K=2),
+            _misses("lifo", lookups, K=2)) == (7, 12, 12, 9)
+    best = min(simulate_buffering.ONLINE, key=lambda q: _misses(q, lookups, K=2))
+    assert cyc["best_online"] == best
+    assert 0 < cyc["gap_points"] == round(100 * (_misses(best, lookups, K=2) - 7) / 12, 3) <= round(100 * 2 / 12, 3)
+    assert both["gap_to_belady"]["MT decoder"][2] != cyc  # pooled over both traces differs

@@ -71,12 +71,12 @@ def test_fairseq_train_expert_parallel_on_two_gpus_equals_one(tmp_path):
     """fairseq's own launcher (--distributed-world-size 2, NCCL, torch DDP) == 1 GPU with --update-freq 2."""
     import subprocess
 
-    from .helpers import ok, tool
+    from .helpers import ok, run_on_free_port, tool
     from .test_fairseq_expert_parallel import ARGS
 
     args = [str(a) for a in ARGS if a != "--cpu"]
-    two = subprocess.run(tool("train") + args + ["--save-dir", str(tmp_path / "two"), "--distributed-world-size", "2",
-                                                 "--ddp-backend", "pytorch_ddp"], capture_output=True, text=True)
+    two = run_on_free_port(tool("train") + args + ["--save-dir", str(tmp_path / "two"), "--distributed-world-size", "2",
+                                                   "--ddp-backend", "pytorch_ddp"])
     one = subprocess.run(tool("train") + args + ["--save-dir", str(tmp_path / "one"), "--update-freq", "2",
                                                  "--distributed-world-size", "1"],
                          capture_output=True, text=True, env={**__import__("os").environ, "CUDA_VISIBLE_DEVICES": "0"})
@@ -88,11 +88,11 @@ def test_fairseq_train_expert_parallel_on_two_gpus_equals_one(tmp_path):
     for k in ref:
         torch.testing.assert_close(got[k].float(), ref[k].float(), rtol=0, atol=1e-4, msg=k)
     # --fp16 with flattened fp32 gradients would mix experts: refused with one line; no-flatten trains
-    bad = subprocess.run(tool("train") + args + ["--save-dir", str(tmp_path / "bad"), "--distributed-world-size", "2",
-                                                 "--fp16"], capture_output=True, text=True)
+    bad = run_on_free_port(tool("train") + args + ["--save-dir", str(tmp_path / "bad"), "--distributed-world-size", "2",
+                                                   "--fp16"])
     assert bad.returncode != 0 and "--fp16-no-flatten-grads" in bad.stderr + bad.stdout
-    ok(subprocess.run(tool("train") + args + ["--save-dir", str(tmp_path / "fp16"), "--distributed-world-size", "2",
-                                              "--fp16", "--fp16-no-flatten-grads"], capture_output=True, text=True))
+    ok(run_on_free_port(tool("train") + args + ["--save-dir", str(tmp_path / "fp16"), "--distributed-world-size", "2",
+                                                "--fp16", "--fp16-no-flatten-grads"]))
 
 
 @pytest.mark.parametrize("activation", ["relu", "gelu", "identity"])
@@ -153,14 +153,13 @@ def test_fp16_expert_parallel_checkpoint_resumes_on_one_gpu_and_back(tmp_path):
 
     from fairseq_moe_infer.moe import is_expert_key
 
-    from .helpers import ok, tool
+    from .helpers import ok, run_on_free_port, tool
     from .test_fairseq_expert_parallel import ARGS
 
     args = [str(a) for a in ARGS if a != "--cpu"] + ["--optimizer", "adam", "--lr", "1e-3", "--fp16",
                                                      "--fp16-no-flatten-grads", "--save-dir", str(tmp_path)]
     env1 = {**__import__("os").environ, "CUDA_VISIBLE_DEVICES": "0"}
-    ok(subprocess.run(tool("train") + args + ["--distributed-world-size", "2", "--ddp-backend", "pytorch_ddp"],
-                      capture_output=True, text=True))
+    ok(run_on_free_port(tool("train") + args + ["--distributed-world-size", "2", "--ddp-backend", "pytorch_ddp"]))
     state = torch.load(tmp_path / "checkpoint_last.pt", map_location="cpu", weights_only=False)
     names = [k for k in state["model"] if is_expert_key(k)]
     moments = [v["exp_avg"] for v in state["last_optimizer_state"]["state"].values()]
@@ -168,8 +167,8 @@ def test_fp16_expert_parallel_checkpoint_resumes_on_one_gpu_and_back(tmp_path):
     one = ok(subprocess.run(tool("train") + args + ["--max-update", "8", "--distributed-world-size", "1", "--update-freq",
                                                     "2"], capture_output=True, text=True, env=env1))
     assert "@ 6 updates" in one
-    two = ok(subprocess.run(tool("train") + args + ["--max-update", "10", "--distributed-world-size", "2",
-                                                    "--ddp-backend", "pytorch_ddp"], capture_output=True, text=True))
+    two = ok(run_on_free_port(tool("train") + args + ["--max-update", "10", "--distributed-world-size", "2",
+                                                      "--ddp-backend", "pytorch_ddp"]))
     assert "@ 8 updates" in two
 
 

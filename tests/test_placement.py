@@ -275,3 +275,21 @@ def test_local_search_fixes_greedys_hand_case_and_finds_the_brute_force_optimum(
         refined = pp.plan_layer("greedy", c, 2, 4, local_search=True)
         assert sorted(refined) == list(range(8))
         assert cost(refined) == best <= cost(pp.plan_layer("greedy", c, 2, 4))
+
+
+def test_local_search_time_limit_reaches_refine_by_swaps(monkeypatch):
+    """plan_layer / plan_placement hand ``search_time_s`` to refine_by_swaps (default 5 s per layer)."""
+    seen = []
+    real = pp.refine_by_swaps
+
+    def spy(counts, plan, gpus, **kw):
+        seen.append(kw.get("time_limit_s"))
+        return real(counts, plan, gpus, **kw)
+
+    monkeypatch.setattr(pp, "refine_by_swaps", spy)
+    x = np.array([[10, 0, 10, 0], [0, 10, 0, 10]], dtype=float)
+    assert sorted(pp.plan_layer("greedy", x, 2, 2, local_search=True, search_time_s=0.5)) == [0, 1, 2, 3]
+    pp.plan_layer("greedy", x, 2, 2, local_search=True)
+    pp.plan_placement("greedy", {"a": x, "b": x}, 2, 2, local_search=True, search_time_s=1.5)
+    pp.plan_placement("greedy", {"a": x}, 2, 2)  # no local search: not called
+    assert seen == [0.5, 5.0, 1.5, 1.5]
