@@ -2,11 +2,11 @@
 # Train MT MoE models with many experts (64 and 128 per layer) on the bundled Multi30k data, one per
 # GPU at the same time, then record their routing on the test sets with --moe-record-trace.
 # The traces (not the weights) are what the buffering and placement studies replay.
-# On 2 H200s: training 4.4 min gave 1,823 (E=64) and 1,463 (E=128) updates; the six recordings per GPU
-# running at once need about 4.5 min (they were cut at 160 s, 60% done, in the run of 2026-11-30).
-# A recording stopped by its timeout (SIGTERM) still writes the calls it recorded (trace header
-# complete=false: read it with --allow-incomplete / --replay-allow-incomplete), so the defaults
-# (3.8 min training, 4.3 min recording) fit one 10-minute device call.
+# On 2 H200s (2026-12-01, RECORD_TIMEOUT=235, 3.6 min of training): E=64 reached 1,803 updates, E=128 1,478
+# (en-de BLEU 33.8 / 33.7), and all twelve recordings finished inside the timeout; the whole call took 490 s
+# (benchmarks/results/mt_moe64_moe128_h200.json). A recording stopped by its timeout (SIGTERM) still writes
+# the calls it recorded (trace header complete=false: read it with --allow-incomplete /
+# --replay-allow-incomplete).
 # Usage (on a 2-GPU machine, from the repository root, data-bin/mt made by scripts/prepare_mt.py):
 #   RECORD_TIMEOUT=260 bash benchmarks/train_record_traces.sh OUT_DIR [TRAIN_MINUTES]
 set -uo pipefail
