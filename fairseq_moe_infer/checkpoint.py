@@ -113,7 +113,8 @@ def describe_load_error(path: str, e: BaseException) -> Optional[str]:
                 head = f.read(24)
         except OSError:
             head = b""
-        return f"{path} is not a torch checkpoint ({type(e).__name__}: {first}; the file starts with {head!r}); check --path"
+        return (f"{path} is not a torch checkpoint ({type(e).__name__}: {first}; the file starts with {head!r}); "
+                "check the checkpoint path")
     return None
 
 
@@ -370,6 +371,9 @@ def convert_fairseq_moe_branch(shared_path: str, out_path: str, num_shards: int 
     """
     if not shared_path.endswith("-shared.pt"):
         raise ValueError(f"{shared_path}: expected the MoE branch's '<name>-shared.pt' file")
+    if not os.path.isfile(shared_path):
+        raise FileNotFoundError(f"{shared_path} does not exist; give the MoE branch's <name>-shared.pt, "
+                                "with its rank files beside it")
     prefix = shared_path[: -len("-shared.pt")]
     ranks = sorted(glob.glob(f"{glob.escape(prefix)}-rank-*.pt"), key=lambda p: int(p.rsplit("-", 1)[1][:-3]))
     if not ranks:

@@ -33,12 +33,12 @@ def main(argv=None):
     a = p.parse_args(argv)
     configure_logging(a.verbose)
     # after configure_logging: fairseq is imported here
-    from fairseq_moe_infer.checkpoint import branch_eval_args, convert_fairseq_moe_branch
-    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    from fairseq_moe_infer.checkpoint import CheckpointError, branch_eval_args, convert_fairseq_moe_branch
     try:
+        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
         written = convert_fairseq_moe_branch(a.shared, a.out, a.expert_shards)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
+    except (CheckpointError, ValueError, OSError) as e:
+        raise SystemExit(f"convert_fairseq_moe_checkpoint.py: error: {e}") from None
     import torch
 
     with open(a.out, "rb") as f:

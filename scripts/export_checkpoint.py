@@ -32,11 +32,15 @@ def main(argv=None):
     p.add_argument("--verbose", action="store_true", help="also show fairseq's import-time log lines")
     a = p.parse_args(argv)
     configure_logging(a.verbose)
-    from fairseq_moe_infer.checkpoint import export_checkpoint  # after configure_logging: fairseq is imported here
+    # after configure_logging: fairseq is imported here
+    from fairseq_moe_infer.checkpoint import CheckpointError, export_checkpoint
     if a.expert_shards < 0:
         p.error("--expert-shards must be >= 0")
-    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    written = export_checkpoint(a.checkpoints, a.out, a.expert_shards, getattr(torch, a.dtype))
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+        written = export_checkpoint(a.checkpoints, a.out, a.expert_shards, getattr(torch, a.dtype))
+    except (CheckpointError, ValueError, OSError) as e:  # a missing or bad input, shards not dividing the experts
+        raise SystemExit(f"export_checkpoint.py: error: {e}") from None
     sizes = {os.path.basename(w): os.path.getsize(w) for w in written}
     for name, size in sizes.items():
         print(f"wrote {name}: {size / 2**20:.1f} MiB", file=sys.stderr)

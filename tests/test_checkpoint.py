@@ -280,7 +280,7 @@ def test_arbitrary_callable_is_refused_naming_class_and_file(tmp_path):
         # the unpickler's reason and the file's start, not torch's advice to load with weights_only=False cut mid-word
         start = re.escape(repr(text.encode()))
         assert re.fullmatch(rf"{re.escape(str(tmp_path / 'notes.txt'))} is not a torch checkpoint \((UnpicklingError|KeyError): "
-                            rf"[^;]+; the file starts with {start}\); check --path", str(e.value)), e.value
+                            rf"[^;]+; the file starts with {start}\); check the checkpoint path", str(e.value)), e.value
         assert "weights_only" not in str(e.value)
 
 
@@ -372,3 +372,36 @@ def test_branch_moe_frequency_rule():
     assert _branch_moe_freq({}.get, decoder_only=False) == 0
     with pytest.raises(ValueError, match="MoE frequency is 2 in the encoder and 0 in the decoder"):
         _branch_moe_freq({"encoder_moe_freq": 2}.get, decoder_only=False)  # a dense decoder: not expressible here
+
+
+def _script_main(name):
+    import runpy
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", name)
+    return runpy.run_path(path, run_name="not_main")["main"]
+
+
+def test_export_and_convert_scripts_end_bad_input_in_one_line(tmp_path, capsys):
+    """export_checkpoint.py / convert_fairseq_moe_checkpoint.py: a missing or foreign input and shards that do
+    not divide the experts end in the one line '<script>: error: ...' (they printed tracebacks before)."""
+    export, convert = _script_main("export_checkpoint.py"), _script_main("convert_fairseq_moe_checkpoint.py")
+    (tmp_path / "text.pt").write_text("not a checkpoint\n")
+    torch.save({"model": {"decoder.layers.1.moe_layer.experts.fc1_weight": torch.zeros(4, 3, 2)}, "cfg": {"model": None},
+                "optimizer_history": [{"num_updates": 1, "best_loss": 1.0}]}, tmp_path / "c.pt")
+    cases = [
+        (export, [str(tmp_path / "nope.pt")], f"export_checkpoint.py: error: checkpoint {tmp_path / 'nope.pt'} does not exist"),
+        (export, [str(tmp_path / "text.pt")], rf"export_checkpoint.py: error: {tmp_path / 'text.pt'} is not a torch checkpoint "
+                                              r"\(.*\); check the checkpoint path"),
+        (export, [str(tmp_path / "c.pt"), "--expert-shards", "3"],
+         "export_checkpoint.py: error: 3 shards do not divide the 4 experts"),
+        (convert, [str(tmp_path / "nope-shared.pt")], f"convert_fairseq_moe_checkpoint.py: error: {tmp_path / 'nope-shared.pt'} "
+                                                      "does not exist; give the MoE branch's <name>-shared.pt"),
+        (convert, [str(tmp_path / "c.pt")],
+         "convert_fairseq_moe_checkpoint.py: error: .*expected the MoE branch's '<name>-shared.pt'"),
+    ]
+    for main, args, message in cases:
+        with pytest.raises(SystemExit) as e:
+            main(args + ["--out", str(tmp_path / "out" / "o.pt")])
+        assert isinstance(e.value.code, str) and "\n" not in e.value.code, e.value.code
+        assert re.match(message, e.value.code), (message, e.value.code)
+    assert not (tmp_path / "out" / "o.pt").exists()
