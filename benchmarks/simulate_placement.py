@@ -54,7 +54,7 @@ GPUS = (2, 4, 8, 16, 64)
 POLICIES = ("contiguous", "greedy", "anti_correlation", "replicate", "greedy+ls", "anti_correlation+ls")
 
 
-def _plan(policy: str, counts: dict, g: int, s: int, search_time_s: float = 5.0):
+def _plan(policy: str, counts: dict, g: int, s: int, search_time_s: float = pp.LOCAL_SEARCH_S):
     """``greedy+ls``: greedy refined by the swap local search (placement_planner.refine_by_swaps)."""
     base, _, ls = policy.partition("+")
     return pp.plan_placement(base, counts, g, s, local_search=bool(ls), search_time_s=search_time_s)
@@ -92,7 +92,7 @@ def _stack_ratio(placement, counts) -> dict:
     return {k: v["step_max_over_mean"] for k, v in r.items() if k != "layers"}
 
 
-def simulate(models: dict, bound_time_s: float, gpus=GPUS, policies=POLICIES, search_time_s: float = 5.0) -> dict:
+def simulate(models: dict, bound_time_s: float, gpus=GPUS, policies=POLICIES, search_time_s: float = pp.LOCAL_SEARCH_S) -> dict:
     results = {"num_experts": {}, "held_out": [], "greedy_vs_best": []}
     for model, traces in models.items():
         counts = {label: pp.trace_layer_counts([path]) for label, path in traces.items()}
@@ -188,7 +188,8 @@ def main(argv=None) -> None:
                    help="simulate the traces matching GLOB as model NAME (repeatable) instead of the --traces folder's")
     p.add_argument("--gpus", type=int, nargs="+", default=list(GPUS), help="GPU counts G")
     p.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
-    p.add_argument("--search-time-s", type=float, default=5.0, help="local search's time limit per layer (the +ls policies)")
+    p.add_argument("--search-time-s", type=float, default=pp.LOCAL_SEARCH_S,
+                   help="local search's time limit per layer (the +ls policies)")
     a = p.parse_args(argv)
     if any(g < 1 for g in a.gpus) or not (a.search_time_s > 0 and a.bound_time_s > 0):
         raise SystemExit("simulate_placement.py: error: --gpus must be >= 1 and the time limits > 0")

@@ -117,8 +117,11 @@ def replicate(counts: np.ndarray, gpus: int, slots: int) -> Plan:
     return greedy(counts, gpus, slots)
 
 
+LOCAL_SEARCH_S = 5.0  # default time limit of refine_by_swaps per layer, seconds
+
+
 def refine_by_swaps(counts: np.ndarray, plan: Sequence[int], gpus: int, restarts: int = 10,
-                    time_limit_s: float = 5.0, seed: int = 0) -> Plan:
+                    time_limit_s: float = LOCAL_SEARCH_S, seed: int = 0) -> Plan:
     """Iterated local search on the per-step objective (beyond the paper): :func:`_swap_descent`
     from ``plan``, then ``restarts`` times from the best plan so far with a few random swaps
     applied (a seeded ``numpy`` generator: deterministic), keeping the best; stops early at
@@ -227,7 +230,7 @@ POLICIES: Dict[str, Callable[[np.ndarray, int, int], Plan]] = {
 
 
 def plan_layer(policy: str, counts: np.ndarray, gpus: int, slots: int, local_search: bool = False,
-               search_time_s: float = 5.0) -> Plan:
+               search_time_s: float = LOCAL_SEARCH_S) -> Plan:
     """Run ``policy`` on one layer's [B, E] counts, then (``local_search``) :func:`refine_by_swaps`
     (at most ``search_time_s`` seconds).
 
@@ -403,7 +406,7 @@ def trace_layer_counts(paths: Sequence[str]) -> Dict[str, np.ndarray]:
 
 
 def plan_placement(policy: str, layer_counts: Dict[str, np.ndarray], gpus: int, slots: int,
-                   local_search: bool = False, search_time_s: float = 5.0, **extra):
+                   local_search: bool = False, search_time_s: float = LOCAL_SEARCH_S, **extra):
     """A :class:`~fairseq_moe_infer.moe.placement.Placement` of every layer by ``policy``
     (then :func:`refine_by_swaps` when ``local_search``, at most ``search_time_s`` seconds per layer).
 
