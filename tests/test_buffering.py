@@ -19,8 +19,8 @@ from fairseq_moe_infer.moe.buffered import ExpertBuffer
 from fairseq_moe_infer.moe.eviction import POLICIES, SlotCache, build_policy
 from fairseq_moe_infer.trace import RoutingTrace, TraceRecorder, read_trace, write_trace
 
-from .helpers import TINY_LM, TINY_MT, USER_DIR, ok, run
-from .test_expert_parallel import E, _free_port, _full_layer, _inputs
+from .helpers import TINY_LM, TINY_MT, USER_DIR, free_port, ok, run
+from .test_expert_parallel import E, _full_layer, _inputs
 from .test_trace import LM_CKPT, MT_CKPT, _summary
 
 _PPL = re.compile(r"Loss \(base 2\): [0-9.]+, Perplexity: [0-9.]+")
@@ -170,7 +170,7 @@ def test_expert_parallel_each_rank_buffers_its_experts(tmp_path):
     results = mp.Manager().dict()
     full_state = _full_layer("dynamic", 0.25).state_dict()  # the weights do not depend on the gating
     path = str(tmp_path / "ep.npz")
-    mp.spawn(_ep_worker, args=(2, _free_port(), full_state, results, path), nprocs=2, join=True)
+    mp.spawn(_ep_worker, args=(2, free_port(), full_state, results, path), nprocs=2, join=True)
     for rank, file in enumerate([path, path + ".rank1"]):  # rank r > 0 writes PATH.rank<r>
         t = read_trace(file, num_experts=E)
         assert (t.rank, t.world_size, t.num_calls) == (rank, 2, 3)

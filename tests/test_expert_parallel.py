@@ -8,7 +8,6 @@ evaluation and in training (gradients too).
 """
 
 import os
-import socket
 
 import pytest
 import torch
@@ -17,13 +16,10 @@ import torch.multiprocessing as mp
 
 from fairseq_moe_infer.moe import MoELayer
 
+from .helpers import free_port
+
 E, D, F, TOKENS = 8, 16, 24, 40
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _inputs(rank: int, fraction: float):
@@ -68,7 +64,7 @@ def _worker(rank, world, port, gating, fraction, train, full_state, results):
 def _run_parallel(world, gating, fraction, train):
     results = mp.Manager().dict()
     full_state = _full_layer(gating, fraction).state_dict()  # built in one process: all E experts
-    mp.spawn(_worker, args=(world, _free_port(), gating, fraction, train, full_state, results), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port(), gating, fraction, train, full_state, results), nprocs=world, join=True)
     return dict(results)
 
 

@@ -9,7 +9,6 @@ own share; the fp32 EMA copy of all experts must be cut to each rank's share bef
 """
 
 import os
-import socket
 import types
 
 import pytest
@@ -26,14 +25,11 @@ from fairseq_moe_infer.training import (
     slice_optimizer_state,
 )
 
+from .helpers import free_port
+
 E, D, F = 4, 6, 8
 BETA1, BETA2 = 0.9, 0.999
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _trainer(model, opt):
@@ -96,7 +92,7 @@ def _worker(rank, world, port, results):
 @pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_optimizer_state_and_fp32_ema_gathered_and_sliced(world):
     results = mp.Manager().dict()
-    mp.spawn(_worker, args=(world, _free_port(), results), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port(), results), nprocs=world, join=True)
     results = dict(results)
     full, full_ema = results[0]["full"], results[0]["full_ema"]
     assert all(results[r]["full"] is None for r in range(1, world))

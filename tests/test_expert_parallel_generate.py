@@ -14,7 +14,6 @@ import math
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,17 +21,12 @@ import time
 import pytest
 import torch
 
-from .helpers import ASSETS, USER_DIR, tool
+from .helpers import ASSETS, USER_DIR, free_port, tool
 
 MT = os.path.join(ASSETS, "mt")
 CKPT = os.path.join(ASSETS, "checkpoints", "mt_moe", "checkpoint.pt")
 LENGTHS_NOTE = "sentences 0-6 of assets/mt test: 15, 24, 17, 26, 13, 36, 17 source tokens"
 
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _subset(folder, ids):
@@ -60,7 +54,7 @@ def _generate_args(data, extra):
 
 def _ranks(name, args, world, stdin=None, timeout=300):
     """Start ``world`` ranks of fairseq-<name> by hand (gloo), return their outputs (rank order)."""
-    port = _port()
+    port = free_port()
     procs = [subprocess.Popen(tool(name) + args + [
         "--distributed-world-size", str(world), "--distributed-rank", str(r), "--distributed-init-method",
         f"tcp://127.0.0.1:{port}", "--distributed-no-spawn", "--distributed-backend", "gloo", "--device-id", "0"],
@@ -184,7 +178,7 @@ def test_interactive_two_ranks_equals_one_process():
             "--target-lang", "tgt", "--bpe", "sentencepiece", "--sentencepiece-model", os.path.join(MT, "spm.model"),
             "--beam", "2", "--moe-gating", "dynamic", "--cpu", "--buffer-size", "2", "--batch-size", "2"]
     one = _one("interactive", args, stdin=INPUT)
-    port = _port()
+    port = free_port()
     procs = [subprocess.Popen(tool("interactive") + args + [
         "--distributed-world-size", "2", "--distributed-rank", str(r), "--distributed-init-method",
         f"tcp://127.0.0.1:{port}", "--distributed-no-spawn", "--distributed-backend", "gloo", "--device-id", "0"],
@@ -284,7 +278,7 @@ def test_a_lost_rank_makes_the_other_exit_with_one_line(seven, how, tmp_path):
     stats = tmp_path / "stats.json"
     args = _generate_args(seven, ["--batch-size", "1", "--moe-gating", "dynamic", "--moe-collective-timeout", "6",
                                   "--moe-stats-json", str(stats)])
-    port = _port()
+    port = free_port()
     procs = [subprocess.Popen(tool("generate") + args + [
         "--distributed-world-size", "2", "--distributed-rank", str(r), "--distributed-init-method",
         f"tcp://127.0.0.1:{port}", "--distributed-no-spawn", "--distributed-backend", "gloo", "--device-id", "0"],

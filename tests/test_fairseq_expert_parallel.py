@@ -11,7 +11,6 @@ same weights, and the 2-process checkpoint must hold all experts.
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import types
@@ -22,7 +21,7 @@ import torch
 from fairseq_moe_infer.moe import is_expert_key
 from fairseq_moe_infer.training import check_training_setup
 
-from .helpers import TINY_LM, USER_DIR, ok, tool
+from .helpers import TINY_LM, USER_DIR, free_port, ok, tool
 
 ARGS = [TINY_LM, "--user-dir", USER_DIR, "--task", "moe_language_modeling", "--arch", "transformer_lm_moe_small",
         "--criterion", "moe_cross_entropy", "--tokens-per-sample", "64", "--max-tokens", "512", "--max-update", "6",
@@ -33,18 +32,13 @@ ARGS = [TINY_LM, "--user-dir", USER_DIR, "--task", "moe_language_modeling", "--a
         "--moe-gating", "dynamic", "--dropout", "0", "--moe-second-expert-policy", "all", "--disable-validation"]
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _model(path):
     return torch.load(path, map_location="cpu", weights_only=False)["model"]
 
 
 def test_two_process_expert_parallel_training_equals_one_process(tmp_path):
-    port = _port()
+    port = free_port()
     procs = [
         subprocess.Popen(
             tool("train") + [str(a) for a in ARGS] + [
@@ -92,7 +86,7 @@ def test_resume_without_optimizer_state_keeps_the_update_count(tmp_path):
     """A checkpoint without optimizer state (``--no-save-optimizer-state``; expert-parallel checkpoints of
     earlier versions) written by 2 ranks and resumed by ONE process must continue at its update with its
     learning-rate schedule (fairseq alone restarts at 0: '@ 0 updates', warm-up again, the full --max-update)."""
-    _train_two(tmp_path, _port(), ["--no-save-optimizer-state"])
+    _train_two(tmp_path, free_port(), ["--no-save-optimizer-state"])
     one = ok(subprocess.run(tool("train") + [str(a) for a in ARGS] + [
         "--save-dir", str(tmp_path / "two"), "--max-update", "8", "--update-freq", "2"],
         capture_output=True, text=True, timeout=600))
@@ -162,16 +156,16 @@ def test_resume_on_other_world_sizes_equals_an_uninterrupted_run(tmp_path):
     Before: 1->2 crashed at the first step (moments of all experts), 2->1 restarted at update 0 and crashed in fairseq's
     ema.py, 2->4 gave ranks the wrong fp32 EMA experts and fresh moments; and every 2-rank update differed (fairseq
     dropped the sample size of rank 1's real batch because its update ended with a padding batch)."""
-    first = {"one": _launch(tmp_path / "one", 1, 1), "two": _launch(tmp_path / "two", 2, 1, _port())}
+    first = {"one": _launch(tmp_path / "one", 1, 1), "two": _launch(tmp_path / "two", 2, 1, free_port())}
     runs = {"uninterrupted_1": _launch(tmp_path / "uninterrupted_1", 1, 3),
-            "uninterrupted_2": _launch(tmp_path / "uninterrupted_2", 2, 3, _port())}
+            "uninterrupted_2": _launch(tmp_path / "uninterrupted_2", 2, 3, free_port())}
     for procs in first.values():
         _finish(procs)
     resumes = {"one_to_one": ("one", 1), "one_to_two": ("one", 2), "two_to_one": ("two", 1), "two_to_four": ("two", 4)}
     for name, (src, world) in resumes.items():
         (tmp_path / name).mkdir()
         (tmp_path / name / "checkpoint_last.pt").write_bytes((tmp_path / src / "checkpoint_last.pt").read_bytes())
-        runs[name] = _launch(tmp_path / name, world, 3, _port() if world > 1 else None)
+        runs[name] = _launch(tmp_path / name, world, 3, free_port() if world > 1 else None)
     outs = {name: _finish(procs) for name, procs in runs.items()}
 
     def state(name):
@@ -199,12 +193,12 @@ def test_resume_inside_an_epoch_on_other_world_sizes_equals_an_uninterrupted_run
     Adam moments, update count). Before: fairseq skipped 2 batches on each rank whatever the world size (on 1 process
     batches 2 and 3 were trained twice and 6 never; on 4 ranks 'dataloader mismatch')."""
     runs = {"uninterrupted": _launch(tmp_path / "uninterrupted", 1, 2, args=MID_EPOCH_ARGS, stop=("--max-update",)),
-            "two": _launch(tmp_path / "two", 2, 1, _port(), args=MID_EPOCH_ARGS, stop=("--max-update",))}
+            "two": _launch(tmp_path / "two", 2, 1, free_port(), args=MID_EPOCH_ARGS, stop=("--max-update",))}
     _finish(runs.pop("two"))
     for name, world in (("two_to_one", 1), ("two_to_four", 4)):
         (tmp_path / name).mkdir()
         (tmp_path / name / "checkpoint_last.pt").write_bytes((tmp_path / "two" / "checkpoint_last.pt").read_bytes())
-        runs[name] = _launch(tmp_path / name, world, 2, _port() if world > 1 else None, args=MID_EPOCH_ARGS,
+        runs[name] = _launch(tmp_path / name, world, 2, free_port() if world > 1 else None, args=MID_EPOCH_ARGS,
                              stop=("--max-update",))
     outs = {name: _finish(procs) for name, procs in runs.items()}
     reference = torch.load(tmp_path / "uninterrupted" / "checkpoint_last.pt", map_location="cpu", weights_only=False)
@@ -240,7 +234,7 @@ def test_resume_inside_an_epoch_on_a_world_size_not_dividing_the_batches_done_st
 def test_expert_parallel_ema_copy_is_saved_with_all_experts(tmp_path):
     """--store-ema deep-copies the model (the MoE layers' process group must survive the copy)
     and saves the copy: it must hold every rank's experts too."""
-    _train_two(tmp_path, _port(), ["--store-ema", "--ema-decay", "0.9"])
+    _train_two(tmp_path, free_port(), ["--store-ema", "--ema-decay", "0.9"])
     state = torch.load(tmp_path / "two" / "checkpoint_last.pt", map_location="cpu", weights_only=False)
     ema, model = state["extra_state"]["ema"], state["model"]
     for k in (k for k in model if is_expert_key(k)):
@@ -277,8 +271,8 @@ def test_two_process_expert_parallel_eval_lm_equals_one_process(tmp_path):
     """fairseq-eval-lm with the bundled LM's 16 experts over 2 gloo ranks: 63 blocks in batches of 10 give 7
     batches, so one rank gets fairseq's empty padding batch (a dummy forward keeps the all-to-alls matched);
     the perplexity fairseq prints is that of all tokens, equal to one process's."""
-    runs = {"one": _eval_lm(tmp_path, "one", "dynamic", 1), "dynamic": _eval_lm(tmp_path, "dyn", "dynamic", 2, _port()),
-            "static": _eval_lm(tmp_path, "static", "static", 2, _port())}
+    runs = {"one": _eval_lm(tmp_path, "one", "dynamic", 1), "dynamic": _eval_lm(tmp_path, "dyn", "dynamic", 2, free_port()),
+            "static": _eval_lm(tmp_path, "static", "static", 2, free_port())}
     outs = {}
     for name, procs in runs.items():
         texts = [p.communicate(timeout=600)[0] for p in procs]
@@ -301,7 +295,7 @@ def test_expert_parallel_eval_lm_refuses_context_window(tmp_path):
     """Over 2 ranks each rank would take its --context-window context from its own previous batch (ppl 27.07
     instead of one process's 27.05 on the bundled LM), and the rank with fairseq's empty padding batch crashed
     with KeyError 'net_input': refused with one line on every rank instead."""
-    procs = _eval_lm(tmp_path, "cw", "dynamic", 2, _port(), ["--context-window", "32"])
+    procs = _eval_lm(tmp_path, "cw", "dynamic", 2, free_port(), ["--context-window", "32"])
     for p in procs:
         text = p.communicate(timeout=600)[0]
         assert p.returncode != 0 and "Traceback" not in text, text[-3000:]
@@ -405,7 +399,7 @@ def test_a_stopped_rank_makes_the_other_exit_with_one_line(tmp_path, name):
         args = [os.path.join(ASSETS, "lm"), "--path", os.path.join(ASSETS, "checkpoints", "lm_moe", "checkpoint.pt"),
                 "--user-dir", USER_DIR, "--task", "moe_language_modeling", "--gen-subset", "test",
                 "--tokens-per-sample", "64", "--max-tokens", "64", "--cpu", "--moe-gating", "dynamic"]
-    port = _port()
+    port = free_port()
     procs = [subprocess.Popen(tool(name) + args + [
         "--moe-collective-timeout", "6", "--distributed-world-size", "2", "--distributed-rank", str(r),
         "--distributed-init-method", f"tcp://127.0.0.1:{port}", "--distributed-no-spawn", "--distributed-backend", "gloo",

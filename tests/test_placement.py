@@ -10,7 +10,6 @@ its bound against brute force.
 import itertools
 import json
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -23,6 +22,8 @@ from fairseq_moe_infer.moe import MoEConfigError, MoELayer
 from fairseq_moe_infer.moe.gate import Routing
 from fairseq_moe_infer.moe.placement import LayerPlacement, Placement, load_placement
 from fairseq_moe_infer.report import gpu_load_summary
+
+from .helpers import free_port
 
 E, D, F = 8, 16, 24
 
@@ -117,11 +118,6 @@ def test_slots_load_their_logical_experts_and_the_output_is_unchanged(gating):
     assert per_slot[[0, 8, 9]].max() - per_slot[[0, 8, 9]].min() <= 1
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _worker(rank, world, port, gating, full_state, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -145,7 +141,7 @@ def _worker(rank, world, port, gating, full_state, results):
 def test_expert_parallel_with_placement_equals_single_process(world, gating):
     ref = _layer(gating)
     results = mp.Manager().dict()
-    mp.spawn(_worker, args=(world, _free_port(), gating, ref.state_dict(), results), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port(), gating, ref.state_dict(), results), nprocs=world, join=True)
     total_slot = torch.zeros(len(SLOTS[world]), dtype=torch.long)
     p = LayerPlacement(SLOTS[world], E, world)
     for rank in range(world):
