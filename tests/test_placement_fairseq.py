@@ -16,8 +16,7 @@ import pytest
 
 from fairseq_moe_infer.moe.placement import Placement
 
-from .helpers import ASSETS, USER_DIR, ok, run, tool
-from .test_fairseq_expert_parallel import _port
+from .helpers import ASSETS, USER_DIR, free_port, ok, run, tool
 
 LM_LAYERS = ["decoder.layers.1.moe_layer", "decoder.layers.3.moe_layer"]
 MT_LAYERS = ["encoder.layers.1.moe_layer", "encoder.layers.3.moe_layer"] + LM_LAYERS
@@ -42,7 +41,7 @@ def _eval_lm(tmp_path, name, world, placement=None):
             "--moe-stats-json", str(tmp_path / f"{name}.json")] + (["--moe-placement", placement] if placement else [])
     if world == 1:
         return [subprocess.Popen(tool("eval-lm") + args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)]
-    port = _port()
+    port = free_port()
     return [subprocess.Popen(tool("eval-lm") + args + [
         "--distributed-world-size", str(world), "--distributed-rank", str(r), "--distributed-init-method",
         f"tcp://127.0.0.1:{port}", "--distributed-no-spawn", "--distributed-backend", "gloo", "--device-id", "0"],
