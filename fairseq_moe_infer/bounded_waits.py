@@ -10,7 +10,8 @@ every rank of ``fairseq-train`` / ``fairseq-eval-lm`` / ``fairseq-generate`` /
   on NCCL the wait raises only with ``TORCH_NCCL_BLOCKING_WAIT=1``, otherwise torch's
   watchdog aborts the process after the timeout);
 * starts a daemon thread that writes a heartbeat (the time) for this rank into the
-  process group's rendezvous store once a second;
+  process group's rendezvous store once a second (stopped by :func:`end_expert_parallel_run`,
+  or at the latest by an ``atexit`` handler: ``fairseq-train`` has no end-of-run hook);
 * installs a ``sys.excepthook`` that turns a failed collective (``torch.distributed``'s
   ``DistError`` / gloo's "Connection closed by peer" / a timeout) into ONE line naming the
   rank that stopped (the one whose heartbeat is older than a few seconds; rank 0 when the
@@ -28,6 +29,7 @@ status -6) after a correct run, and a collective in an ``atexit`` handler could 
 that had already gone.
 """
 
+import atexit
 import datetime
 import logging
 import os
@@ -63,6 +65,18 @@ def _beat(store, rank: int) -> None:
         except Exception:  # the store's host is gone: nothing left to report to
             return
         _stop.wait(HEARTBEAT_S)
+
+
+def _stop_heartbeat() -> None:
+    # Also an ``atexit`` handler (``fairseq-train`` has no end-of-run hook): a daemon thread still
+    # inside the store's C++ ``set`` when the interpreter finalizes is ended by pthread_exit, whose
+    # forced unwind through pybind11's noexcept frames aborts the process ("terminate called without
+    # an active exception", status -6) after a correct run; with a 0.2 ms beat, 2 of 12 two-rank
+    # fairseq-train processes did, 0 of 48 with this handler
+    _stop.set()
+    for beat in _heartbeat:
+        beat.join(timeout=2 * HEARTBEAT_S)
+    _heartbeat.clear()
 
 
 def stopped_rank(wait_s: float = 2 * STALE_S) -> Optional[str]:
@@ -139,6 +153,7 @@ def bound_collective_waits(timeout_s: float) -> None:
     beat = threading.Thread(target=_beat, args=(_store(), dist.get_rank()), daemon=True, name="moe-heartbeat")
     beat.start()
     _heartbeat.append(beat)
+    atexit.register(_stop_heartbeat)
     sys.excepthook = _excepthook(sys.excepthook)
 
 
@@ -166,10 +181,7 @@ def end_expert_parallel_run() -> None:
     for fn in hooks:
         fn()
     dist.barrier()
-    _stop.set()
-    for beat in _heartbeat:
-        beat.join(timeout=2 * HEARTBEAT_S)
-    _heartbeat.clear()
+    _stop_heartbeat()
     _state["installed"] = False
     dist.destroy_process_group()
     # a destroyed gloo process group still referenced at interpreter teardown (a MoE layer's

@@ -425,3 +425,31 @@ def test_a_stopped_rank_makes_the_other_exit_with_one_line(tmp_path, name):
     assert re.search(r"error: expert-parallel rank 0 of 2: rank 1 stopped taking part", last), out[-3000:]
     assert "Traceback" not in out
     assert elapsed < 6 + 2 * 4 + 10
+
+
+_HEARTBEAT_AT_EXIT = """
+import atexit, sys, threading
+import torch.distributed as dist
+rank, port = int(sys.argv[1]), sys.argv[2]
+# registered before the plugin's own handler, so it runs after it (atexit is last-in, first-out)
+atexit.register(lambda: print("heartbeat alive at exit:", any(t.name == "moe-heartbeat" and t.is_alive()
+                                                                for t in threading.enumerate()), flush=True))
+from fairseq_moe_infer import bounded_waits
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+bounded_waits.bound_collective_waits(0)
+dist.barrier()
+"""
+
+
+def test_the_heartbeat_thread_is_stopped_before_interpreter_exit():
+    """``fairseq-train`` has no end-of-run hook, so the heartbeat thread of ``--moe-collective-timeout`` must be
+    stopped by an ``atexit`` handler: left running, a beat caught inside the store's C++ call while the interpreter
+    finalized aborted the process after a correct run ("terminate called without an active exception", status -6;
+    it failed CI once, and 2 of 12 two-rank fairseq-train processes with a 0.2 ms beat)."""
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", _HEARTBEAT_AT_EXIT, str(r), str(port)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:]
+        assert "heartbeat alive at exit: False" in out, out[-3000:]
