@@ -38,7 +38,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .cli import exit_with_error, in_fairseq_tool
+from .cli import exit_with_error, in_fairseq_tool, new_file_mode
 from .moe.experts import EXPERT_KEY_PART, is_expert_key, stack_per_expert_keys
 
 SHARDS_KEY = "moe_expert_shards"
@@ -304,7 +304,7 @@ def save_serving_checkpoint(meta: Dict, model: Dict[str, torch.Tensor], out_path
     try:
         for path, obj in files.items():
             fd, temps[path] = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-            os.fchmod(fd, _new_file_mode())  # mkstemp makes it private (0600): the export was unreadable to others
+            os.fchmod(fd, new_file_mode())  # mkstemp makes it private (0600): the export was unreadable to others
             with os.fdopen(fd, "wb") as f:
                 torch.save(obj, f)
         _verify_written(temps, out_path, model)
@@ -315,13 +315,6 @@ def save_serving_checkpoint(meta: Dict, model: Dict[str, torch.Tensor], out_path
             if os.path.exists(tmp):
                 os.remove(tmp)
     return list(files)
-
-
-def _new_file_mode() -> int:
-    """The mode ``open(path, "w")`` gives a new file: 0o666 less the process's umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
 
 
 def _verify_written(temps: Dict[str, str], out_path: str, model: Dict[str, torch.Tensor]) -> None:

@@ -20,6 +20,14 @@ def in_fairseq_tool() -> bool:
     return (name.startswith("fairseq-") and not name.endswith(".py")) or os.path.basename(folder) == "fairseq_cli"
 
 
+def new_file_mode() -> int:
+    """The mode ``open(path, "w")`` gives a new file: 0o666 less the process's umask (for files
+    written through ``tempfile.mkstemp``, which makes them private, then renamed into place)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 _failed = []  # problems passed to exit_with_error in this process
 _stopped_by = []  # the termination signal that ended this process (stop_on_sigterm)
 

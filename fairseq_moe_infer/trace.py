@@ -51,6 +51,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .cli import new_file_mode
+
 FORMAT = "fairseq_moe_infer.routing_trace"
 VERSION = 1
 
@@ -157,7 +159,7 @@ def write_trace(path: str, trace: RoutingTrace) -> None:
                 call_tokens=trace.call_tokens.astype(np.int64),
                 choices=trace.choices.astype(np.int16),
             )
-        os.chmod(tmp, 0o644)  # mkstemp creates it private
+        os.chmod(tmp, new_file_mode())  # mkstemp creates it private; the umask decides, as for open()
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -77,6 +77,18 @@ def _one_line(err):
     return msg
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_trace_file_mode_follows_the_umask(umask, tmp_path):
+    """A trace gets the mode ``open(path, "w")`` would give it (0o666 less the umask), not a fixed 0o644 that made
+    traces world-readable under a private umask."""
+    previous = os.umask(umask)
+    try:
+        write_trace(str(tmp_path / "t.npz"), _small_trace())
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "t.npz").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
 def test_bad_traces_are_refused_with_one_line(tmp_path):
     good = tmp_path / "good.npz"
     write_trace(str(good), _small_trace())
