@@ -15,7 +15,10 @@ every rank of ``fairseq-train`` / ``fairseq-eval-lm`` / ``fairseq-generate`` /
 * installs a ``sys.excepthook`` that turns a failed collective (``torch.distributed``'s
   ``DistError`` / gloo's "Connection closed by peer" / a timeout) into ONE line naming the
   rank that stopped (the one whose heartbeat is older than a few seconds; rank 0 when the
-  store it hosts does not answer), and exits with status 1.
+  store it hosts does not answer), and exits with status 1. Before that line it runs the
+  writers registered with :func:`at_lost_rank` (the routing trace, the MoE summary: local
+  files, marked incomplete, no collective), bounded by ``LOST_RANK_WRITE_S``; the atexit handlers
+  are skipped (``os._exit``), as a collective or gloo's teardown there would wait on the lost rank.
 
 :func:`end_expert_parallel_run` is the other end: the tools' expert-parallel paths (generate,
 interactive, eval-lm) call it once every rank has finished its work. It runs the end-of-run
@@ -49,6 +52,8 @@ _state = {"installed": False, "timeout": None}
 _stop = threading.Event()
 _heartbeat: list = []  # the heartbeat thread, once started
 _END_HOOKS: list = []
+_LOST_RANK_WRITERS: list = []
+LOST_RANK_WRITE_S = 30.0  # seconds the writers may take after a lost rank before the process ends anyway
 _RELEASE_HOOKS: list = []
 
 
@@ -120,6 +125,7 @@ def _excepthook(previous):
         who = stopped_rank() or "another rank"
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else exc_type.__name__
         prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "fairseq"
+        _write_what_was_recorded()
         sys.stdout.flush()
         sys.stderr.write(f"{prog}: error: expert-parallel rank {rank} of {world}: {who} stopped taking part in the "
                          f"collectives (timeout {_state['timeout']}); exiting ({first})\n")
@@ -127,6 +133,26 @@ def _excepthook(previous):
         os._exit(1)  # the process group's threads may wait on the lost rank at interpreter exit
 
     return hook
+
+
+def at_lost_rank(fn) -> None:
+    """Register ``fn()`` (no arguments) to run when this rank ends because another stopped (see the
+    module docstring): a writer of local files only (no collective: the other rank is gone)."""
+    _LOST_RANK_WRITERS.append(fn)
+
+
+def _write_what_was_recorded() -> None:
+    from .cli import mark_lost_rank
+
+    mark_lost_rank()
+    watchdog = threading.Timer(LOST_RANK_WRITE_S, os._exit, (1,))  # a writer stuck on a lost rank's resource
+    watchdog.daemon = True
+    watchdog.start()
+    for fn in _LOST_RANK_WRITERS:
+        try:
+            fn()
+        except Exception as e:  # the error line below still comes; say what was not written
+            logger.warning("after the lost rank, %s failed: %s", getattr(fn, "__qualname__", fn), e)
 
 
 def bound_collective_waits(timeout_s: float) -> None:

@@ -40,15 +40,24 @@ def run_failed() -> bool:
 
 
 def stopped_by() -> str:
-    """How this process is ending: ``SIGTERM`` (:func:`stop_on_sigterm`), ``SIGINT`` (an uncaught
-    ``KeyboardInterrupt``), ``error`` (:func:`exit_with_error`), ``exception`` (another uncaught
-    exception), or ``""`` while it runs normally. Meant for ``atexit`` handlers."""
+    """How this process is ending: ``SIGTERM`` (:func:`stop_on_sigterm`), ``lost rank``
+    (:func:`mark_lost_rank`), ``SIGINT`` (an uncaught ``KeyboardInterrupt``), ``error``
+    (:func:`exit_with_error`), ``exception`` (another uncaught exception), or ``""`` while it runs
+    normally. Meant for ``atexit`` handlers."""
     if _stopped_by:
         return _stopped_by[0]
     last = getattr(sys, "last_type", None)
     if last is not None:
         return "SIGINT" if issubclass(last, KeyboardInterrupt) else "exception"
     return "error" if _failed else ""
+
+
+def mark_lost_rank() -> None:
+    """Record that this process is ending because another expert-parallel rank stopped taking part
+    (:mod:`fairseq_moe_infer.bounded_waits`): the exit-time writers then mark what they write
+    incomplete (``stopped_by`` ``lost rank``) and leave the tool's one error line last."""
+    _stopped_by.append("lost rank")
+    _failed.append("lost rank")
 
 
 _sigterm_installed = []

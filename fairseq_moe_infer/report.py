@@ -34,7 +34,9 @@ It is logged (one readable line per layer, then the whole summary as one JSON
 line prefixed ``moe_summary``) and written to ``--moe-stats-json`` when given (strict JSON:
 ``allow_nan=False``). ``complete`` is False when the run ended by an error or an
 interruption (SIGINT, SIGTERM, a failed rank): the counts then cover only the batches done, and a
-warning line says so. A process killed outright (SIGKILL) writes nothing.
+warning line says so (after a lost expert-parallel rank the JSON is written without the log lines:
+the tool's one error line stays last; :mod:`~fairseq_moe_infer.bounded_waits`). A process killed
+outright (SIGKILL) writes nothing.
 Under torch.distributed every rank reports its own tokens (``rank`` and
 ``world_size`` are added); rank 0 writes ``--moe-stats-json PATH``, rank r > 0
 writes ``PATH.rank<r>``.
@@ -183,10 +185,11 @@ class MoERunReport:
         (:func:`~fairseq_moe_infer.cli.stop_on_sigterm`) or an error (``complete`` false); under
         expert parallelism, collect the ranks' loads at the end of the run first
         (:meth:`collect_gpu_loads`)."""
-        from .bounded_waits import at_end_of_run
+        from .bounded_waits import at_end_of_run, at_lost_rank
 
         stop_on_sigterm()
         atexit.register(self.finish)
+        at_lost_rank(self.finish)
         if any(m.group is not None for _, m in self.layers):
             at_end_of_run(self.collect_gpu_loads)
             at_end_of_run(self._release_process_group, after_teardown=True)

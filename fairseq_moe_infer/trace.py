@@ -333,6 +333,7 @@ class TraceRecorder:
         (:func:`~fairseq_moe_infer.cli.stop_on_sigterm` is installed) or ends by an error: the trace
         is then marked incomplete. Python calls ``sys.excepthook`` before the atexit handlers: the
         recorder chains it (an uncaught exception marks the trace incomplete)."""
+        from .bounded_waits import at_lost_rank
         from .cli import stop_on_sigterm
 
         previous = sys.excepthook
@@ -344,4 +345,5 @@ class TraceRecorder:
         sys.excepthook = excepthook
         stop_on_sigterm()
         atexit.register(self.finish)
+        at_lost_rank(self.finish)  # an expert-parallel rank stopped: the process ends without atexit
         return self

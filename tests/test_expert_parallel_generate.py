@@ -21,6 +21,8 @@ import time
 import pytest
 import torch
 
+from fairseq_moe_infer.trace import read_trace
+
 from .helpers import ASSETS, USER_DIR, free_port, tool
 
 MT = os.path.join(ASSETS, "mt")
@@ -273,11 +275,14 @@ def test_lockstep_serves_a_busy_rank_without_changing_its_capacity_or_output(tmp
 @pytest.mark.parametrize("how", [signal.SIGSTOP, signal.SIGKILL], ids=["stopped", "killed"])
 def test_a_lost_rank_makes_the_other_exit_with_one_line(seven, how, tmp_path):
     """--moe-collective-timeout 6: rank 1 is stopped (or killed) once the model is built; rank 0 must leave its
-    collective within the timeout plus the heartbeat check, with one line naming rank 1, exit status 1, and write
-    no summary (--moe-stats-json) that could pass for a complete run's."""
+    collective within the timeout plus the heartbeat check, with one line naming rank 1, exit status 1; what it
+    recorded is written, marked incomplete (before: the routing trace and the summary were lost, os._exit skipping
+    the atexit writers): the summary with "complete": false, the trace with the calls done and stopped_by
+    "lost rank"."""
     stats = tmp_path / "stats.json"
+    trace = tmp_path / "routing.npz"
     args = _generate_args(seven, ["--batch-size", "1", "--moe-gating", "dynamic", "--moe-collective-timeout", "6",
-                                  "--moe-stats-json", str(stats)])
+                                  "--moe-stats-json", str(stats), "--moe-record-trace", str(trace)])
     port = free_port()
     procs = [subprocess.Popen(tool("generate") + args + [
         "--distributed-world-size", "2", "--distributed-rank", str(r), "--distributed-init-method",
@@ -300,8 +305,12 @@ def test_a_lost_rank_makes_the_other_exit_with_one_line(seven, how, tmp_path):
     last = err.strip().splitlines()[-1]
     assert re.search(r"error: expert-parallel rank 0 of 2: rank 1 stopped taking part", last), err[-2000:]
     assert "Traceback" not in err
-    assert elapsed < 6 + 2 * 4 + 10
-    assert not [f for f in os.listdir(tmp_path) if f.startswith("stats.json")]
+    assert elapsed < 6 + 2 * 4 + 10 + 5
+    summary = json.loads(stats.read_text())
+    assert summary["complete"] is False and summary["rank"] == 0  # (tokens: 0 when it stopped inside the 1st batch)
+    assert not (tmp_path / "stats.json.rank1").exists()  # rank 1 was stopped or killed: it wrote nothing
+    recorded = read_trace(str(trace), allow_incomplete=True)  # rank 0's file (rank_path keeps the name for rank 0)
+    assert not recorded.complete and recorded.stopped_by == "lost rank"
 
 
 # ----------------------------------------------------------------------------- validation with beam search
