@@ -62,3 +62,12 @@ def run_on_free_port(cmd, attempts: int = 3, **kwargs) -> subprocess.CompletedPr
         if proc.returncode == 0 or not any(m in (proc.stdout or "") + (proc.stderr or "") for m in PORT_IN_USE):
             return proc
     return proc
+
+
+def with_default_sigint() -> None:
+    """``preexec_fn`` for a child that a test stops with SIGINT: a process started from a shell's
+    background job (``pytest &`` without ``timeout``) inherits SIGINT ignored (POSIX), so Python
+    installs no ``KeyboardInterrupt`` handler in the child and the signal would do nothing."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -27,7 +27,7 @@ from fairseq_moe_infer.moe.options import check_moe_options
 from fairseq_moe_infer.moe.prefetch import PREDICTORS, next_in_stack, ranked_experts
 from fairseq_moe_infer.trace import RoutingTrace, TraceError, read_trace, write_trace
 
-from .helpers import REPO, USER_DIR, ok, run, tool
+from .helpers import REPO, USER_DIR, ok, run, tool, with_default_sigint
 from .test_buffering import _PPL, LM_ARGS, MT_ARGS, _hyps
 from .test_trace import _summary
 
@@ -333,7 +333,7 @@ _CHILD = textwrap.dedent("""
 def _child(path, mode="loop", grace=30.0):
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(path), mode, str(grace)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+                            stderr=subprocess.PIPE, text=True, env=env, preexec_fn=with_default_sigint)
     assert proc.stdout.readline().strip() == "ready", proc.communicate()[1][-2000:]
     time.sleep(0.5)
     return proc

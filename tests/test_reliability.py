@@ -14,7 +14,7 @@ import torch
 
 from fairseq_moe_infer import fairseq_patches
 
-from .helpers import ASSETS, TINY_LM, USER_DIR, run, tool
+from .helpers import ASSETS, TINY_LM, USER_DIR, run, tool, with_default_sigint
 
 LM_CKPT = os.path.join(ASSETS, "checkpoints", "lm_moe", "checkpoint.pt")
 MT_CKPT = os.path.join(ASSETS, "checkpoints", "mt_moe", "checkpoint.pt")
@@ -158,7 +158,7 @@ def test_sigint_marks_the_summary_incomplete(tmp_path):
     cmd = tool("eval-lm") + [ASSETS + "/lm", "--user-dir", USER_DIR, "--task", "moe_language_modeling", "--path", LM_CKPT,
                              "--gen-subset", "test", "--max-tokens", "512", "--tokens-per-sample", "256", "--cpu",
                              "--moe-gating", "dynamic", "--moe-stats-json", str(stats)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=with_default_sigint)
     seen = ""
     while "creating new batches" not in seen:  # the model is loaded; the evaluation loop starts
         line = proc.stderr.readline()
