@@ -9,6 +9,12 @@ USER_DIR = os.path.join(REPO, "fairseq_moe_infer")
 ASSETS = os.path.join(REPO, "assets")
 TINY_LM = os.path.join(ASSETS, "tiny", "lm")
 TINY_MT = os.path.join(ASSETS, "tiny", "mt")
+MT_CKPT = os.path.join(ASSETS, "checkpoints", "mt_moe", "checkpoint.pt")
+LM_CKPT = os.path.join(ASSETS, "checkpoints", "lm_moe", "checkpoint.pt")
+# fairseq-generate of the bundled MT model on the tiny test set (~48 sentences), dynamic gating, beam 5
+MT_ARGS = [TINY_MT, "--user-dir", USER_DIR, "--task", "moe_translation", "--path", MT_CKPT, "--source-lang", "src",
+           "--target-lang", "tgt", "--gen-subset", "test", "--beam", "5", "--max-tokens", "2048",
+           "--post-process", "sentencepiece", "--moe-gating", "dynamic", "--cpu"]
 
 
 def tool(name: str) -> list:

@@ -19,9 +19,9 @@ from fairseq_moe_infer.moe.buffered import ExpertBuffer
 from fairseq_moe_infer.moe.eviction import POLICIES, SlotCache, build_policy
 from fairseq_moe_infer.trace import RoutingTrace, TraceRecorder, read_trace, write_trace
 
-from .helpers import TINY_LM, TINY_MT, USER_DIR, free_port, ok, run
+from .helpers import LM_CKPT, MT_ARGS, TINY_LM, USER_DIR, free_port, ok, run
 from .test_expert_parallel import E, _full_layer, _inputs
-from .test_trace import LM_CKPT, MT_CKPT, _summary
+from .test_trace import _summary
 
 _PPL = re.compile(r"Loss \(base 2\): [0-9.]+, Perplexity: [0-9.]+")
 
@@ -183,9 +183,6 @@ def test_expert_parallel_each_rank_buffers_its_experts(tmp_path):
         assert stats["waves"] > stats["calls"]  # more than one expert per call through one slot
 
 
-MT_ARGS = [TINY_MT, "--user-dir", USER_DIR, "--task", "moe_translation", "--path", MT_CKPT, "--source-lang", "src",
-           "--target-lang", "tgt", "--gen-subset", "test", "--beam", "5", "--max-tokens", "2048",
-           "--post-process", "sentencepiece", "--moe-gating", "dynamic", "--cpu"]
 LM_ARGS = [TINY_LM, "--user-dir", USER_DIR, "--task", "moe_language_modeling", "--path", LM_CKPT, "--gen-subset", "test1",
            "--tokens-per-sample", "256", "--max-tokens", "2048", "--cpu"]
 
@@ -195,9 +192,8 @@ def _hyps(text):
 
 
 @pytest.mark.slow
-def test_generate_buffered_equals_resident(tmp_path):
-    trace = tmp_path / "mt.npz"
-    plain = ok(run("generate", MT_ARGS + ["--moe-record-trace", trace]))
+def test_generate_buffered_equals_resident(mt_generate_traced):
+    plain, trace = mt_generate_traced
     assert len(_hyps(plain)) >= 3 * 45
     lookups = sum(read_trace(str(trace)).active(i).sum() for i in range(4))  # experts with tokens, per call
     for flags in (["--moe-buffer-policy", "lifo", "--moe-expert-buffer-size", "3"],

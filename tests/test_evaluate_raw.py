@@ -19,12 +19,11 @@ import time
 import pytest
 import sacrebleu
 
-from .helpers import ASSETS, REPO, TINY_LM, USER_DIR, ok, run
+from .helpers import ASSETS, LM_CKPT, REPO, TINY_LM, USER_DIR, ok, run
 
 EVALUATE = os.path.join(REPO, "scripts", "evaluate.py")
 BLEU = os.path.join(REPO, "scripts", "bleu.py")
 RAW = os.path.join(ASSETS, "mt", "raw", "test_2016_flickr.{}.txt")
-LM_CKPT = os.path.join(ASSETS, "checkpoints", "lm_moe", "checkpoint.pt")
 
 
 def _module(name):

@@ -27,8 +27,8 @@ from fairseq_moe_infer.moe.options import check_moe_options
 from fairseq_moe_infer.moe.prefetch import PREDICTORS, next_in_stack, ranked_experts
 from fairseq_moe_infer.trace import RoutingTrace, TraceError, read_trace, write_trace
 
-from .helpers import REPO, USER_DIR, ok, run, tool, with_default_sigint
-from .test_buffering import _PPL, LM_ARGS, MT_ARGS, _hyps
+from .helpers import MT_ARGS, REPO, USER_DIR, ok, run, tool, with_default_sigint
+from .test_buffering import _PPL, LM_ARGS, _hyps
 from .test_trace import _summary
 
 sys.path.insert(0, os.path.join(REPO, "scripts"))
@@ -386,9 +386,8 @@ def test_sigterm_ends_a_process_blocked_outside_python_after_the_grace_period(tm
 
 # ---- the stock tools: outputs equal the all-resident model ------------------------------
 @pytest.mark.slow
-def test_generate_with_prefetch_and_cpu_experts_equals_resident(tmp_path):
-    trace = tmp_path / "mt.npz"
-    plain = ok(run("generate", MT_ARGS + ["--moe-record-trace", trace]))
+def test_generate_with_prefetch_and_cpu_experts_equals_resident(mt_generate_traced):
+    plain, trace = mt_generate_traced
     t = read_trace(str(trace))
     prev = _summary(ok(run("generate", MT_ARGS + ["--moe-expert-buffer-size", "3", "--moe-prefetch", "previous-step"])))
     gate = _summary(text := ok(run("generate", MT_ARGS + ["--moe-expert-buffer-size", "3", "--moe-prefetch", "gate",

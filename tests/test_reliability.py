@@ -14,10 +14,7 @@ import torch
 
 from fairseq_moe_infer import fairseq_patches
 
-from .helpers import ASSETS, TINY_LM, USER_DIR, run, tool, with_default_sigint
-
-LM_CKPT = os.path.join(ASSETS, "checkpoints", "lm_moe", "checkpoint.pt")
-MT_CKPT = os.path.join(ASSETS, "checkpoints", "mt_moe", "checkpoint.pt")
+from .helpers import ASSETS, LM_CKPT, MT_CKPT, TINY_LM, USER_DIR, run, tool, with_default_sigint
 
 
 def _last_line(proc):

@@ -13,10 +13,7 @@ from torch import nn
 from fairseq_moe_infer.moe import MoELayer
 from fairseq_moe_infer.trace import RoutingTrace, TraceError, TraceRecorder, merge_rank_traces, read_trace, write_trace
 
-from .helpers import ASSETS, TINY_LM, TINY_MT, USER_DIR, ok, run
-
-MT_CKPT = os.path.join(ASSETS, "checkpoints", "mt_moe", "checkpoint.pt")
-LM_CKPT = os.path.join(ASSETS, "checkpoints", "lm_moe", "checkpoint.pt")
+from .helpers import LM_CKPT, MT_ARGS, TINY_LM, USER_DIR, ok, run
 
 
 class TwoLayers(nn.Module):
@@ -146,13 +143,9 @@ def _check_against_summary(trace, summary):
 
 
 @pytest.mark.slow
-def test_generate_records_trace_without_changing_outputs(tmp_path):
-    args = [TINY_MT, "--user-dir", USER_DIR, "--task", "moe_translation", "--path", MT_CKPT, "--source-lang", "src",
-            "--target-lang", "tgt", "--gen-subset", "test", "--beam", "5", "--max-tokens", "2048",
-            "--post-process", "sentencepiece", "--moe-gating", "dynamic", "--cpu"]
-    plain = ok(run("generate", args))
-    path = tmp_path / "mt.npz"
-    traced = ok(run("generate", args + ["--moe-record-trace", path]))
+def test_generate_records_trace_without_changing_outputs(mt_generate_traced):
+    plain = ok(run("generate", MT_ARGS))
+    path, traced = mt_generate_traced.trace, mt_generate_traced.text
     hyps = [sorted(line for line in t.splitlines() if line[:2] in ("H-", "D-", "P-")) for t in (plain, traced)]
     assert len(hyps[0]) >= 3 * 45 and hyps[0] == hyps[1]  # H, D, P lines of the ~48 sentences generated
     trace = read_trace(str(path), num_experts=16)
