@@ -43,7 +43,7 @@ sys.path.insert(0, REPO)
 
 from fairseq_moe_infer.moe.eviction import POLICIES, SlotCache, build_policy  # noqa: E402
 from fairseq_moe_infer.moe.prefetch import PreviousStep, ranked_experts  # noqa: E402
-from fairseq_moe_infer.trace import read_trace  # noqa: E402
+from fairseq_moe_infer.trace import TraceError, read_trace  # noqa: E402
 
 ONLINE = [p for p in sorted(POLICIES) if p != "belady"]
 SIM_PREDICTORS = ("none", "previous-step", "next-call")
@@ -54,6 +54,15 @@ def group_of(trace_name: str, layer_name: str) -> str:
     if os.path.basename(trace_name).startswith("lm"):
         return "LM"
     return "MT encoder" if layer_name.startswith("encoder.") else "MT decoder"
+
+
+def cache_sizes(sizes, num_experts: int):
+    """The cache sizes K to simulate: ``sizes`` (each in [1, E]) or 1..E; else one line (SystemExit)."""
+    bad = [K for K in sizes or [] if not 1 <= K <= num_experts]
+    if bad:
+        raise SystemExit(f"simulate_buffering.py: error: --sizes {bad[0]}: a cache size K must be in [1, {num_experts}], "
+                         f"the traces' experts per layer")
+    return sizes or list(range(1, num_experts + 1))
 
 
 def layer_lookups(trace):
@@ -111,7 +120,7 @@ def run_prefetch(paths, policies, sizes, predictors, allow_incomplete=False):
     num_experts = traces[0][1].num_experts
     if any(t.num_experts != num_experts for _, t in traces):
         raise SystemExit("simulate_buffering.py: error: the traces have different expert counts")
-    ks = sizes or list(range(1, num_experts + 1))
+    ks = cache_sizes(sizes, num_experts)
     keys = ("lookups", "misses", "prefetches", "prefetch_hits", "prefetch_unused", "copies")
     acc = defaultdict(lambda: {k: 0 for k in keys})
     for path, t in traces:
@@ -197,7 +206,7 @@ def run(paths, policies, sizes=None, allow_incomplete=False):
         if t.num_experts != num_experts:
             raise SystemExit(f"simulate_buffering.py: error: {path} has {t.num_experts} experts, the others {num_experts}")
         traces.append((path, t))
-    ks = sizes or list(range(1, num_experts + 1))
+    ks = cache_sizes(sizes, num_experts)
     per_layer = {}
     for path, t in traces:
         for name, (lookups, batches) in layer_lookups(t).items():
@@ -306,8 +315,11 @@ def main():
                    help="compare these prefetch predictors (none, previous-step, next-call oracle) instead")
     p.add_argument("--allow-incomplete", action="store_true",
                    help="accept traces of interrupted runs (complete=false, e.g. stopped by SIGTERM)")
-    p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "buffering_simulation.json"))
+    p.add_argument("--out", required=True, help="JSON to write (a PNG beside it)")
     a = p.parse_args()
+    if not os.path.isdir(os.path.dirname(os.path.abspath(a.out))):
+        raise SystemExit(f"simulate_buffering.py: error: --out {a.out}: folder {os.path.dirname(os.path.abspath(a.out))} "
+                         "does not exist; create it first")
     try:
         commit = subprocess.run(["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     except OSError:
@@ -315,14 +327,21 @@ def main():
     head = {"command": " ".join(["python", "scripts/simulate_buffering.py"] + [os.path.relpath(t, REPO) for t in a.traces]
                                 + sys.argv[1 + len(a.traces):]),
             "commit": commit, "traces": [os.path.relpath(t, REPO) for t in a.traces]}
+    try:
+        if a.prefetch:
+            sim = run_prefetch(a.traces, a.policies, a.sizes, a.prefetch, a.allow_incomplete)
+        else:
+            sim = run(a.traces, a.policies, a.sizes, a.allow_incomplete)
+    except TraceError as e:
+        raise SystemExit(f"simulate_buffering.py: error: {e}")
     if a.prefetch:
-        res = {**head, **run_prefetch(a.traces, a.policies, a.sizes, a.prefetch, a.allow_incomplete)}
+        res = {**head, **sim}
         with open(a.out, "w") as f:
             json.dump(res, f, indent=1)
         plot_prefetch(res, os.path.splitext(a.out)[0] + ".png")
         print(prefetch_markdown(res), file=sys.stderr)
         return
-    res = {**head, **run(a.traces, a.policies, a.sizes, a.allow_incomplete)}
+    res = {**head, **sim}
     with open(a.out, "w") as f:
         json.dump(res, f, indent=1)
     plot(res, os.path.splitext(a.out)[0] + ".png")

@@ -295,3 +295,36 @@ def test_simulator_replays_traces_through_the_store_policies(tmp_path):
     assert cyc["best_online"] == best
     assert 0 < cyc["gap_points"] == round(100 * (_misses(best, lookups, K=2) - 7) / 12, 3) <= round(100 * 2 / 12, 3)
     assert both["gap_to_belady"]["MT decoder"][2] != cyc  # pooled over both traces differs
+
+
+def test_simulator_refuses_bad_input_with_one_line(tmp_path, monkeypatch, capsys):
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+    import simulate_buffering
+
+    trace = RoutingTrace(4, 1, ["decoder.layers.0.moe_layer"], [0, 0], [1, 1], [[0], [3]])
+    good = tmp_path / "mt_toy.npz"
+    write_trace(str(good), trace)
+    cut = tmp_path / "mt_cut.npz"
+    cut.write_bytes(good.read_bytes()[:40])
+    out = str(tmp_path / "sim.json")
+    # before: a TraceError / ValueError traceback (the folder one after the whole simulation), K = 5 > E simulated
+    for args, line in [([str(cut)], f"simulate_buffering.py: error: {cut} is corrupt or truncated"),
+                       ([str(tmp_path / "none.npz")], f"simulate_buffering.py: error: routing trace {tmp_path / 'none.npz'} "
+                                                      "does not exist"),
+                       ([str(good), "--sizes", "0"], "simulate_buffering.py: error: --sizes 0: a cache size K must be in [1, 4]"),
+                       ([str(good), "--sizes", "2", "5"], "simulate_buffering.py: error: --sizes 5: a cache size K"),
+                       ([str(good), "--prefetch", "none", "--sizes", "5"], "simulate_buffering.py: error: --sizes 5: a cache"),
+                       ([str(good), "--out", str(tmp_path / "no" / "sim.json")],
+                        f"simulate_buffering.py: error: --out {tmp_path / 'no' / 'sim.json'}: folder {tmp_path / 'no'} does")]:
+        argv = ["simulate_buffering.py"] + args + ([] if "--out" in args else ["--out", out])
+        monkeypatch.setattr(sys, "argv", argv)
+        with pytest.raises(SystemExit) as e:
+            simulate_buffering.main()
+        assert str(e.value).startswith(line), (args, str(e.value))
+        assert "\n" not in str(e.value) and not os.path.exists(out)
+    monkeypatch.setattr(sys, "argv", ["simulate_buffering.py", str(good), "--sizes", "1"])  # --out is required: the
+    with pytest.raises(SystemExit):  # default overwrote the repository's benchmarks/results/buffering_simulation.json
+        simulate_buffering.main()
+    assert "--out" in capsys.readouterr().err
