@@ -250,6 +250,36 @@ def test_trace_counts_sum_expert_parallel_ranks_call_by_call_and_the_script_writ
     placement.check_model(list(counts), 4, 2)
 
 
+def test_plan_placement_script_refuses_bad_input_with_one_line(tmp_path, capsys):
+    import sys
+
+    from fairseq_moe_infer.trace import RoutingTrace, write_trace
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+    import plan_placement
+
+    _write(tmp_path / "t.npz", [[0, 0, 1], [2], [3, 3], [1]], [0, 1, 0, 1])
+    # the same MoE layers, 8 experts: before, its held-out ratios were printed for the 4-expert map (exit 0)
+    write_trace(str(tmp_path / "e8.npz"), RoutingTrace(8, 1, ["decoder.layers.0.moe_layer", "decoder.layers.1.moe_layer"],
+                                                       [0, 1], [2, 1], np.array([[7], [6], [5]], dtype=np.int16)))
+    out = tmp_path / "map.json"
+    t = ["--trace", str(tmp_path / "t.npz")]
+    for args, line in [(t + ["--heldout", str(tmp_path / "e8.npz"), "--gpus", "2"],
+                        "plan_placement.py: error: the held-out traces are of another model (8 experts per MoE layer, "
+                        "the planning traces 4)"),
+                       (t + ["--gpus", "0"], "plan_placement.py: error: need at least one GPU and one slot per GPU, got "
+                                             "--gpus 0"),  # was: ZeroDivisionError traceback
+                       (t + ["--gpus", "2", "--slots", "0"], "plan_placement.py: error: need at least one GPU and one "
+                                                             "slot per GPU"),  # was: silently the default S = E / G
+                       (t + ["--gpus", "2", "--out", str(tmp_path / "no" / "map.json")],  # was: traceback after planning
+                        f"plan_placement.py: error: --out {tmp_path / 'no' / 'map.json'}: folder {tmp_path / 'no'} does "
+                        "not exist")]:
+        with pytest.raises(SystemExit) as e:
+            plan_placement.main(args + ["--out", str(out)] if "--out" not in args else args)
+        assert str(e.value).startswith(line), (args, str(e.value))
+        assert not out.exists() and "held-out traces:" not in capsys.readouterr().out
+
+
 def test_local_search_fixes_greedys_hand_case_and_finds_the_brute_force_optimum():
     """Greedy balances run totals: experts 0 and 2 are active in batch 0, 1 and 3 in batch 1, all with equal
     totals, so greedy pairs (0, 2) and (1, 3) and each batch runs on one GPU (max/mean 2.0). The swap local
