@@ -199,7 +199,7 @@ class MoERunReport:
 _SUMMED = ("calls", "waves", "lookups", "hits", "misses", "bytes_copied_h2d", "device_bytes_buffered",
            "device_bytes_all_resident", "prefetches", "prefetch_hits", "prefetch_unused", "bytes_prefetched",
            "wasted_prefetch_bytes", "misses_without_prefetch", "bytes_copied_without_prefetch", "misses_saved",
-           "cpu_runs", "cpu_tokens", "copy_bytes_avoided")
+           "cpu_runs", "cpu_tokens", "copy_bytes_avoided", "trace_mismatched_calls")
 
 
 def buffer_totals(stats: list) -> dict:

@@ -124,6 +124,32 @@ def _check_buffered_equals_resident(gating, k, K, policy):
     assert buffered.experts.fc1_weight.numel() == 0  # the device copy of all experts is released
 
 
+def test_belady_counts_and_warns_about_a_trace_of_another_run(caplog):
+    # belady replays the trace's future; a trace of other data or flags was taken silently (the run then reported
+    # a 'belady' hit rate that is not the optimum's): the store compares each call's experts with the trace's call
+    plain = _layer("dynamic", 2)
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(n, 16, generator=g) for n in (5, 9, 2, 7)]
+    with torch.no_grad():
+        used = [sorted(set(r.expert_indices[r.valid].tolist())) for r in (plain.gate(x) for x in xs)]
+    other = [[e for e in range(8) if e not in u] or [0] for u in used]  # every call disjoint from this run's
+    seen = []
+    for future, mismatched in ((used, 0), (used[:2], 2), (used + other, 0), ([used[0]] + other[1:], 3)):
+        layer = copy.deepcopy(plain)
+        layer.experts.set_buffer(ExpertBuffer(8, 2, "belady", future=future))
+        caplog.clear()
+        with torch.no_grad(), caplog.at_level("WARNING", logger="fairseq_moe_infer"):
+            for x in xs:
+                assert torch.equal(layer(x), plain(x))
+        assert layer.experts.buffer.stats()["trace_mismatched_calls"] == mismatched, future
+        warnings = [r.getMessage() for r in caplog.records if "--moe-buffer-trace does not match" in r.getMessage()]
+        assert len(warnings) == (1 if mismatched else 0), warnings
+        seen += warnings
+    assert "the trace's 2 calls of that layer do not reach" in seen[0]
+    assert "call 1 of a MoE layer used experts" in seen[1] and "record the trace with the same data" in seen[1]
+    assert "trace_mismatched_calls" not in ExpertBuffer(8, 2, "lru").stats()  # only belady replays a trace
+
+
 def test_buffer_option_errors():
     with pytest.raises(MoEConfigError, match="between 1 and the 8 experts per rank"):
         configure_buffering(_layer("dynamic", 2), 9, "lru")
@@ -206,6 +232,7 @@ def test_generate_buffered_equals_resident(tmp_path):
         assert _hyps(text) == _hyps(plain), flags
         total = _summary(text)["buffer"]
         assert total["lookups"] == lookups and total["hits"] + total["misses"] == lookups
+        assert total.get("trace_mismatched_calls", 0) == 0  # the run's own trace matches call for call
         K = int(flags[3])
         assert total["device_bytes_all_resident"] * K == 16 * total["device_bytes_buffered"]
     # belady is optimal: fewer misses than lifo at the same K
