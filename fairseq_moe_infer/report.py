@@ -124,8 +124,10 @@ class MoERunReport:
         }
 
     def finish(self) -> Optional[dict]:
-        """Log the summary once, if any evaluation forward happened."""
-        if self._done or self.t_first is None:
+        """Log the summary once, if any evaluation forward happened (or, on an expert-parallel rank
+        that got no batch of its own, it served the other ranks' tokens: :meth:`collect_gpu_loads`
+        ran; its summary has 0 tokens and is written too, so the ranks' files add up)."""
+        if self._done or (self.t_first is None and not self._gpu_loads):
             return None
         self._done = True
         mark_exiting()
