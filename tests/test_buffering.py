@@ -17,6 +17,7 @@ from fairseq_moe_infer.inference import configure_buffering
 from fairseq_moe_infer.moe import MoEConfigError, MoELayer
 from fairseq_moe_infer.moe.buffered import ExpertBuffer
 from fairseq_moe_infer.moe.eviction import POLICIES, SlotCache, build_policy
+from fairseq_moe_infer.moe.placement import LayerPlacement
 from fairseq_moe_infer.trace import RoutingTrace, TraceRecorder, read_trace, write_trace
 
 from .helpers import TINY_LM, TINY_MT, USER_DIR, free_port, ok, run
@@ -148,6 +149,34 @@ def test_belady_counts_and_warns_about_a_trace_of_another_run(caplog):
     assert "the trace's 2 calls of that layer do not reach" in seen[0]
     assert "call 1 of a MoE layer used experts" in seen[1] and "record the trace with the same data" in seen[1]
     assert "trace_mismatched_calls" not in ExpertBuffer(8, 2, "lru").stats()  # only belady replays a trace
+
+
+def test_belady_replays_the_trace_through_the_placement(tmp_path):
+    # with --moe-placement, belady's future was the trace's logical experts [global_offset, + slots), but the store's
+    # slots hold the map's experts (and replicas): it evicted by another future. Now the recorded choices are routed
+    # through the map as the layer routes them, and the future is the physical slots each call uses
+    slots = [3, 7, 0, 1, 2, 3, 4, 5, 6, 7]  # one rank, 10 slots for 8 experts: replicas of 3 and 7
+    model = torch.nn.Sequential(_layer("dynamic", 2))
+    model[0].set_placement(LayerPlacement(slots, 8, 1))
+    model.eval()
+    buffered = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(4)
+    xs = [torch.randn(n, 16, generator=g) for n in (6, 3, 9, 2, 5, 4, 7)]
+    recorder = TraceRecorder(model, str(tmp_path / "t.npz"))
+    used = []
+    with torch.no_grad():
+        plain = [model(x) for x in xs]
+        for x in xs:
+            r = model[0].placement.route(model[0].gate(x))
+            used.append(sorted(set(r.expert_indices[r.valid].tolist())))  # physical slots with tokens, per call
+    write_trace(str(tmp_path / "t.npz"), recorder.trace())
+    configure_buffering(buffered, 3, "belady", str(tmp_path / "t.npz"))
+    with torch.no_grad():
+        for x, y in zip(xs, plain):
+            assert torch.equal(buffered(x), y)
+    s = buffered[0].experts.buffer.stats()
+    assert s["trace_mismatched_calls"] == 0 and s["lookups"] == sum(map(len, used))
+    assert s["misses"] == _misses("belady", used, K=3, E=10)
 
 
 def test_buffer_option_errors():
