@@ -73,6 +73,11 @@ def test_bad_maps_are_refused_with_one_line(tmp_path):
         load_placement(str(path))
     for msg in [str(e) for e in [MoEConfigError("x")]]:
         assert "\n" not in msg
+    # JSON true / false were taken as expert / world size 1 / 0 (bool is an int in Python)
+    with pytest.raises(MoEConfigError, match=r"slot expert True is not an expert id in \[0, 3\)"):
+        Placement(2, 2, 3, {"a": [0, 1, 2, True]})
+    with pytest.raises(MoEConfigError, match="world_size must be a positive integer, got True"):
+        Placement(True, 4, 3, {"a": [0, 1, 2, 1]})
 
 
 def _layer(gating, placement=None, seed=0):
