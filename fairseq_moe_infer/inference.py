@@ -149,6 +149,14 @@ def validate_inference_options(cfg) -> None:
         problem = check_writable_path(getattr(cfg, flag, None))
         if problem:
             exit_with_error(f"--{flag.replace('_', '-')}: {problem}")
+    # a file the run writes must not be another file of the run (it was overwritten silently)
+    files = [(f, getattr(cfg, f, None)) for f in ("moe_stats_json", "moe_record_trace", "moe_buffer_trace", "moe_placement")]
+    files = [(f"--{f.replace('_', '-')}", os.path.realpath(path)) for f, path in files if path]
+    for i, (flag, path) in enumerate(files[:2]):
+        other = next((f for f, p in files[i + 1:] if p == path), None)
+        if other:
+            exit_with_error(f"{flag} and {other} are the same file {path}: the run would overwrite it; give {flag} "
+                            "a file of its own")
 
 
 def apply_placement(model: nn.Module, placement: Placement) -> None:
