@@ -38,12 +38,14 @@ import subprocess
 import sys
 from collections import defaultdict
 
+import numpy as np
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from fairseq_moe_infer.moe.eviction import POLICIES, SlotCache, build_policy  # noqa: E402
 from fairseq_moe_infer.moe.prefetch import PreviousStep, ranked_experts  # noqa: E402
-from fairseq_moe_infer.trace import TraceError, read_trace  # noqa: E402
+from fairseq_moe_infer.trace import RoutingTrace, TraceError, rank_path, read_trace  # noqa: E402
 
 ONLINE = [p for p in sorted(POLICIES) if p != "belady"]
 SIM_PREDICTORS = ("none", "previous-step", "next-call")
@@ -54,6 +56,27 @@ def group_of(trace_name: str, layer_name: str) -> str:
     if os.path.basename(trace_name).startswith("lm"):
         return "LM"
     return "MT encoder" if layer_name.startswith("encoder.") else "MT decoder"
+
+
+def read_run(path: str, allow_incomplete: bool = False) -> RoutingTrace:
+    """The trace at ``path``; of an expert-parallel run, with its ranks' files (``PATH.rank<r>``) merged
+    call by call (as ``plan_placement.py`` reads them): call i holds every rank's tokens of the ranks'
+    i-th MoE-layer calls, so its lookups are the experts any rank's tokens used (those a rank's store
+    looks up among its own experts). Before, rank 0's tokens alone were simulated, without a word.
+
+    Raises:
+        TraceError: unreadable rank files, or ranks that recorded other call sequences."""
+    t = read_trace(path, allow_incomplete=allow_incomplete)
+    if t.world_size == 1:
+        return t
+    ranks = [t] + [read_trace(rank_path(path, r), t.num_experts, t.layer_names, allow_incomplete)
+                   for r in range(1, t.world_size)]
+    if any(not np.array_equal(r.call_layer, t.call_layer) for r in ranks):
+        raise TraceError(f"the ranks of {path} recorded other MoE-layer call sequences; record the run again")
+    choices = [r.call_choices(i) for i in range(t.num_calls) for r in ranks]
+    return RoutingTrace(t.num_experts, t.k, t.layer_names, t.call_layer, sum(r.call_tokens for r in ranks),
+                        np.concatenate(choices) if choices else t.choices, complete=all(r.complete for r in ranks),
+                        stopped_by=t.stopped_by)
 
 
 def cache_sizes(sizes, num_experts: int):
@@ -116,7 +139,7 @@ def simulate_prefetch(lookups, counts, K: int, policy: str, num_experts: int, pr
 
 def run_prefetch(paths, policies, sizes, predictors, allow_incomplete=False):
     """Prefetch predictors against no prefetching, per group (see the module docstring)."""
-    traces = [(p, read_trace(p, allow_incomplete=allow_incomplete)) for p in paths]
+    traces = [(p, read_run(p, allow_incomplete)) for p in paths]
     num_experts = traces[0][1].num_experts
     if any(t.num_experts != num_experts for _, t in traces):
         raise SystemExit("simulate_buffering.py: error: the traces have different expert counts")
@@ -201,7 +224,7 @@ def run(paths, policies, sizes=None, allow_incomplete=False):
     num_experts = None
     traces = []
     for path in paths:
-        t = read_trace(path, allow_incomplete=allow_incomplete)
+        t = read_run(path, allow_incomplete)
         num_experts = num_experts or t.num_experts
         if t.num_experts != num_experts:
             raise SystemExit(f"simulate_buffering.py: error: {path} has {t.num_experts} experts, the others {num_experts}")

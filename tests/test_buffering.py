@@ -353,6 +353,31 @@ def test_simulator_replays_traces_through_the_store_policies(tmp_path):
     assert both["gap_to_belady"]["MT decoder"][2] != cyc  # pooled over both traces differs
 
 
+def test_simulator_merges_the_ranks_of_an_expert_parallel_trace(tmp_path):
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+    import simulate_buffering
+
+    from fairseq_moe_infer.trace import rank_path
+
+    names, layers = ["decoder.layers.0.moe_layer"], [0, 0, 0]
+    rank0 = [[[0], [1]], [[0]], [[2]]]  # per call, each token's top-1 choice
+    rank1 = [[[3]], [[1], [3]], [[0]]]
+    for r, calls in enumerate((rank0, rank1)):
+        write_trace(rank_path(str(tmp_path / "mt_ep.npz"), r),
+                    RoutingTrace(4, 1, names, layers, [len(c) for c in calls], [t for c in calls for t in c], 2, r))
+    both = [a + b for a, b in zip(rank0, rank1)]  # one process holding both ranks' tokens, call by call
+    write_trace(str(tmp_path / "mt_one.npz"), RoutingTrace(4, 1, names, layers, [len(c) for c in both],
+                                                           [t for c in both for t in c]))
+    ep = simulate_buffering.run([str(tmp_path / "mt_ep.npz")], ["lru"], sizes=[1, 2])["groups"]["MT decoder"]
+    one = simulate_buffering.run([str(tmp_path / "mt_one.npz")], ["lru"], sizes=[1, 2])["groups"]["MT decoder"]
+    assert ep == one and ep["lru"][2]["lookups"] == 3 + 3 + 2  # before: rank 0's lookups alone, 2 + 1 + 1
+    assert ep["lru"][2]["misses"] == _misses("lru", [[0, 1, 3], [0, 1, 3], [0, 2]], K=2, E=4)
+    pre = simulate_buffering.run_prefetch([str(tmp_path / "mt_ep.npz")], ["lru"], [2], ["none"])
+    assert pre["groups"]["MT decoder"]["none"]["lru"][2]["lookups"] == 8
+
+
 def test_simulator_refuses_bad_input_with_one_line(tmp_path, monkeypatch, capsys):
     import sys
 
