@@ -183,7 +183,9 @@ def read_checkpoint(path: str) -> Dict:
     """A checkpoint file as saved (no fairseq upgrade), its expert shards merged back in.
 
     Raises:
-        CheckpointError / FileNotFoundError / RuntimeError: unreadable file, missing or corrupt shard.
+        CheckpointError / FileNotFoundError / RuntimeError: unreadable file, a torch file that is not a
+            fairseq checkpoint (no ``model`` dict and ``cfg`` / ``args``: e.g. an expert shard file),
+            missing or corrupt shard.
     """
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -195,6 +197,11 @@ def read_checkpoint(path: str) -> Dict:
         if problem is None:
             raise
         raise CheckpointError(problem) from None
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict) or \
+            (state.get("cfg") is None and state.get("args") is None):
+        held = f"the keys {', '.join(map(str, list(state)[:4]))}" if isinstance(state, dict) else f"a {type(state).__name__}"
+        raise CheckpointError(f"{path} is not a fairseq checkpoint: it holds {held}, no model weights with their cfg / "
+                              "args; give the main checkpoint file (its expert shard files are read through it)")
     return _merge_shards(state, path)
 
 

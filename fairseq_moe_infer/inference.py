@@ -10,12 +10,14 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
+import torch
 from fairseq.dataclass import FairseqDataclass
 from torch import nn
 
 from .cli import exit_with_error
 from .moe import MoEConfigError, moe_layers
 from .moe.buffered import ExpertBuffer
+from .moe.gate import Routing
 from .moe.options import check_moe_options
 from .moe.placement import LayerPlacement, Placement, load_placement
 from .moe.prefetch import ExpertPredictor, build_predictor
@@ -147,6 +149,14 @@ def validate_inference_options(cfg) -> None:
         problem = check_writable_path(getattr(cfg, flag, None))
         if problem:
             exit_with_error(f"--{flag.replace('_', '-')}: {problem}")
+    # a file the run writes must not be another file of the run (it was overwritten silently)
+    files = [(f, getattr(cfg, f, None)) for f in ("moe_stats_json", "moe_record_trace", "moe_buffer_trace", "moe_placement")]
+    files = [(f"--{f.replace('_', '-')}", os.path.realpath(path)) for f, path in files if path]
+    for i, (flag, path) in enumerate(files[:2]):
+        other = next((f for f, p in files[i + 1:] if p == path), None)
+        if other:
+            exit_with_error(f"{flag} and {other} are the same file {path}: the run would overwrite it; give {flag} "
+                            "a file of its own")
 
 
 def apply_placement(model: nn.Module, placement: Placement) -> None:
@@ -285,14 +295,30 @@ def _belady_futures(path: str, named) -> dict:
         raise MoEConfigError(f"--moe-buffer-trace: {e}") from None
     futures = {}
     for i, (name, m) in enumerate(named):
-        lo, n = m.experts.global_offset, m.experts.num_local_experts
-        per_rank = [t.active(i)[:, lo : lo + n] for t in traces]
+        lo, n = m.rank * m.placement.slots_per_rank, m.experts.num_local_experts  # this rank's physical slots
+        per_rank = [_slots_used(t, i, m.placement)[:, lo : lo + n] for t in traces]
         calls = max(len(a) for a in per_rank)
         used = np.zeros((calls, n), dtype=bool)
         for a in per_rank:  # this rank's experts serve every rank's tokens
             used[: len(a)] |= a
         futures[name] = [np.flatnonzero(row).tolist() for row in used]
     return futures
+
+
+def _slots_used(trace, layer: int, placement: LayerPlacement) -> np.ndarray:
+    """[calls of ``layer``, W * S] bool: the physical slots of ``placement`` (``--moe-placement``) that
+    received tokens in each call of the trace, its recorded logical choices routed as the layer routes
+    them (:meth:`LayerPlacement.route`: the j-th choice of an expert goes to replica j mod n)."""
+    if placement.is_identity:
+        return trace.active(layer)
+    host = LayerPlacement(placement.slots, placement.num_experts, placement.world_size)  # CPU buffers
+    used = np.zeros((len(trace.calls_of(layer)), placement.num_slots), dtype=bool)
+    for row, c in enumerate(trace.calls_of(layer)):
+        idx = torch.from_numpy(trace.call_choices(c).astype(np.int64))
+        valid = idx >= 0
+        routing = Routing(idx.clamp(min=0), torch.zeros(idx.shape), valid, torch.zeros(()), placement.num_experts, False)
+        used[row, host.route(routing).expert_indices[valid].unique().numpy()] = True
+    return used
 
 
 __all__ = ["MoEInferenceConfig", "configure_moe", "configure_buffering", "validate_inference_options", "MoEConfigError"]

@@ -124,8 +124,10 @@ class MoERunReport:
         }
 
     def finish(self) -> Optional[dict]:
-        """Log the summary once, if any evaluation forward happened."""
-        if self._done or self.t_first is None:
+        """Log the summary once, if any evaluation forward happened (or, on an expert-parallel rank
+        that got no batch of its own, it served the other ranks' tokens: :meth:`collect_gpu_loads`
+        ran; its summary has 0 tokens and is written too, so the ranks' files add up)."""
+        if self._done or (self.t_first is None and not self._gpu_loads):
             return None
         self._done = True
         mark_exiting()
@@ -199,7 +201,7 @@ class MoERunReport:
 _SUMMED = ("calls", "waves", "lookups", "hits", "misses", "bytes_copied_h2d", "device_bytes_buffered",
            "device_bytes_all_resident", "prefetches", "prefetch_hits", "prefetch_unused", "bytes_prefetched",
            "wasted_prefetch_bytes", "misses_without_prefetch", "bytes_copied_without_prefetch", "misses_saved",
-           "cpu_runs", "cpu_tokens", "copy_bytes_avoided")
+           "cpu_runs", "cpu_tokens", "copy_bytes_avoided", "trace_mismatched_calls")
 
 
 def buffer_totals(stats: list) -> dict:

@@ -41,15 +41,25 @@ def main(argv=None) -> None:
                         "maximum GPU load on the planning traces (placement_planner.refine_by_swaps)")
     p.add_argument("--out", default=None, help="placement JSON to write (for --moe-placement)")
     a = p.parse_args(argv)
+    if a.gpus < 1 or (a.slots is not None and a.slots < 1):
+        raise SystemExit(f"plan_placement.py: error: need at least one GPU and one slot per GPU, got --gpus {a.gpus}, "
+                         f"--slots {a.slots}")
+    if a.out and not os.path.isdir(os.path.dirname(os.path.abspath(a.out))):
+        raise SystemExit(f"plan_placement.py: error: --out {a.out}: folder {os.path.dirname(os.path.abspath(a.out))} does "
+                         "not exist; create it first")
     try:
         counts = pp.trace_layer_counts(a.trace)
         heldout = pp.trace_layer_counts(a.heldout) if a.heldout else None
     except TraceError as e:
         raise SystemExit(f"plan_placement.py: error: {e}")
     e = next(iter(counts.values())).shape[1]
-    slots = a.slots or -(-e // a.gpus)
+    slots = a.slots if a.slots is not None else -(-e // a.gpus)
     if heldout is not None and sorted(heldout) != sorted(counts):
         raise SystemExit("plan_placement.py: error: the held-out traces are of another model (other MoE layers)")
+    held_e = next(iter(heldout.values())).shape[1] if heldout is not None else e
+    if held_e != e:
+        raise SystemExit(f"plan_placement.py: error: the held-out traces are of another model ({held_e} experts per MoE "
+                         f"layer, the planning traces {e})")
     try:
         placement = pp.plan_placement(a.policy, counts, a.gpus, slots, a.local_search,
                                       traces=[os.path.basename(t) for t in a.trace])

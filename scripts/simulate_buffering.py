@@ -38,12 +38,14 @@ import subprocess
 import sys
 from collections import defaultdict
 
+import numpy as np
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from fairseq_moe_infer.moe.eviction import POLICIES, SlotCache, build_policy  # noqa: E402
 from fairseq_moe_infer.moe.prefetch import PreviousStep, ranked_experts  # noqa: E402
-from fairseq_moe_infer.trace import read_trace  # noqa: E402
+from fairseq_moe_infer.trace import RoutingTrace, TraceError, rank_path, read_trace  # noqa: E402
 
 ONLINE = [p for p in sorted(POLICIES) if p != "belady"]
 SIM_PREDICTORS = ("none", "previous-step", "next-call")
@@ -54,6 +56,36 @@ def group_of(trace_name: str, layer_name: str) -> str:
     if os.path.basename(trace_name).startswith("lm"):
         return "LM"
     return "MT encoder" if layer_name.startswith("encoder.") else "MT decoder"
+
+
+def read_run(path: str, allow_incomplete: bool = False) -> RoutingTrace:
+    """The trace at ``path``; of an expert-parallel run, with its ranks' files (``PATH.rank<r>``) merged
+    call by call (as ``plan_placement.py`` reads them): call i holds every rank's tokens of the ranks'
+    i-th MoE-layer calls, so its lookups are the experts any rank's tokens used (those a rank's store
+    looks up among its own experts). Before, rank 0's tokens alone were simulated, without a word.
+
+    Raises:
+        TraceError: unreadable rank files, or ranks that recorded other call sequences."""
+    t = read_trace(path, allow_incomplete=allow_incomplete)
+    if t.world_size == 1:
+        return t
+    ranks = [t] + [read_trace(rank_path(path, r), t.num_experts, t.layer_names, allow_incomplete)
+                   for r in range(1, t.world_size)]
+    if any(not np.array_equal(r.call_layer, t.call_layer) for r in ranks):
+        raise TraceError(f"the ranks of {path} recorded other MoE-layer call sequences; record the run again")
+    choices = [r.call_choices(i) for i in range(t.num_calls) for r in ranks]
+    return RoutingTrace(t.num_experts, t.k, t.layer_names, t.call_layer, sum(r.call_tokens for r in ranks),
+                        np.concatenate(choices) if choices else t.choices, complete=all(r.complete for r in ranks),
+                        stopped_by=t.stopped_by)
+
+
+def cache_sizes(sizes, num_experts: int):
+    """The cache sizes K to simulate: ``sizes`` (each in [1, E]) or 1..E; else one line (SystemExit)."""
+    bad = [K for K in sizes or [] if not 1 <= K <= num_experts]
+    if bad:
+        raise SystemExit(f"simulate_buffering.py: error: --sizes {bad[0]}: a cache size K must be in [1, {num_experts}], "
+                         f"the traces' experts per layer")
+    return sizes or list(range(1, num_experts + 1))
 
 
 def layer_lookups(trace):
@@ -107,11 +139,11 @@ def simulate_prefetch(lookups, counts, K: int, policy: str, num_experts: int, pr
 
 def run_prefetch(paths, policies, sizes, predictors, allow_incomplete=False):
     """Prefetch predictors against no prefetching, per group (see the module docstring)."""
-    traces = [(p, read_trace(p, allow_incomplete=allow_incomplete)) for p in paths]
+    traces = [(p, read_run(p, allow_incomplete)) for p in paths]
     num_experts = traces[0][1].num_experts
     if any(t.num_experts != num_experts for _, t in traces):
         raise SystemExit("simulate_buffering.py: error: the traces have different expert counts")
-    ks = sizes or list(range(1, num_experts + 1))
+    ks = cache_sizes(sizes, num_experts)
     keys = ("lookups", "misses", "prefetches", "prefetch_hits", "prefetch_unused", "copies")
     acc = defaultdict(lambda: {k: 0 for k in keys})
     for path, t in traces:
@@ -192,12 +224,12 @@ def run(paths, policies, sizes=None, allow_incomplete=False):
     num_experts = None
     traces = []
     for path in paths:
-        t = read_trace(path, allow_incomplete=allow_incomplete)
+        t = read_run(path, allow_incomplete)
         num_experts = num_experts or t.num_experts
         if t.num_experts != num_experts:
             raise SystemExit(f"simulate_buffering.py: error: {path} has {t.num_experts} experts, the others {num_experts}")
         traces.append((path, t))
-    ks = sizes or list(range(1, num_experts + 1))
+    ks = cache_sizes(sizes, num_experts)
     per_layer = {}
     for path, t in traces:
         for name, (lookups, batches) in layer_lookups(t).items():
@@ -306,8 +338,11 @@ def main():
                    help="compare these prefetch predictors (none, previous-step, next-call oracle) instead")
     p.add_argument("--allow-incomplete", action="store_true",
                    help="accept traces of interrupted runs (complete=false, e.g. stopped by SIGTERM)")
-    p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "buffering_simulation.json"))
+    p.add_argument("--out", required=True, help="JSON to write (a PNG beside it)")
     a = p.parse_args()
+    if not os.path.isdir(os.path.dirname(os.path.abspath(a.out))):
+        raise SystemExit(f"simulate_buffering.py: error: --out {a.out}: folder {os.path.dirname(os.path.abspath(a.out))} "
+                         "does not exist; create it first")
     try:
         commit = subprocess.run(["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     except OSError:
@@ -315,14 +350,21 @@ def main():
     head = {"command": " ".join(["python", "scripts/simulate_buffering.py"] + [os.path.relpath(t, REPO) for t in a.traces]
                                 + sys.argv[1 + len(a.traces):]),
             "commit": commit, "traces": [os.path.relpath(t, REPO) for t in a.traces]}
+    try:
+        if a.prefetch:
+            sim = run_prefetch(a.traces, a.policies, a.sizes, a.prefetch, a.allow_incomplete)
+        else:
+            sim = run(a.traces, a.policies, a.sizes, a.allow_incomplete)
+    except TraceError as e:
+        raise SystemExit(f"simulate_buffering.py: error: {e}")
     if a.prefetch:
-        res = {**head, **run_prefetch(a.traces, a.policies, a.sizes, a.prefetch, a.allow_incomplete)}
+        res = {**head, **sim}
         with open(a.out, "w") as f:
             json.dump(res, f, indent=1)
         plot_prefetch(res, os.path.splitext(a.out)[0] + ".png")
         print(prefetch_markdown(res), file=sys.stderr)
         return
-    res = {**head, **run(a.traces, a.policies, a.sizes, a.allow_incomplete)}
+    res = {**head, **sim}
     with open(a.out, "w") as f:
         json.dump(res, f, indent=1)
     plot(res, os.path.splitext(a.out)[0] + ".png")

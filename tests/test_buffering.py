@@ -17,6 +17,7 @@ from fairseq_moe_infer.inference import configure_buffering
 from fairseq_moe_infer.moe import MoEConfigError, MoELayer
 from fairseq_moe_infer.moe.buffered import ExpertBuffer
 from fairseq_moe_infer.moe.eviction import POLICIES, SlotCache, build_policy
+from fairseq_moe_infer.moe.placement import LayerPlacement
 from fairseq_moe_infer.trace import RoutingTrace, TraceRecorder, read_trace, write_trace
 
 from .helpers import LM_CKPT, MT_ARGS, TINY_LM, USER_DIR, free_port, ok, run
@@ -124,6 +125,60 @@ def _check_buffered_equals_resident(gating, k, K, policy):
     assert buffered.experts.fc1_weight.numel() == 0  # the device copy of all experts is released
 
 
+def test_belady_counts_and_warns_about_a_trace_of_another_run(caplog):
+    # belady replays the trace's future; a trace of other data or flags was taken silently (the run then reported
+    # a 'belady' hit rate that is not the optimum's): the store compares each call's experts with the trace's call
+    plain = _layer("dynamic", 2)
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(n, 16, generator=g) for n in (5, 9, 2, 7)]
+    with torch.no_grad():
+        used = [sorted(set(r.expert_indices[r.valid].tolist())) for r in (plain.gate(x) for x in xs)]
+    other = [[e for e in range(8) if e not in u] or [0] for u in used]  # every call disjoint from this run's
+    seen = []
+    for future, mismatched in ((used, 0), (used[:2], 2), (used + other, 0), ([used[0]] + other[1:], 3)):
+        layer = copy.deepcopy(plain)
+        layer.experts.set_buffer(ExpertBuffer(8, 2, "belady", future=future))
+        caplog.clear()
+        with torch.no_grad(), caplog.at_level("WARNING", logger="fairseq_moe_infer"):
+            for x in xs:
+                assert torch.equal(layer(x), plain(x))
+        assert layer.experts.buffer.stats()["trace_mismatched_calls"] == mismatched, future
+        warnings = [r.getMessage() for r in caplog.records if "--moe-buffer-trace does not match" in r.getMessage()]
+        assert len(warnings) == (1 if mismatched else 0), warnings
+        seen += warnings
+    assert "the trace's 2 calls of that layer do not reach" in seen[0]
+    assert "call 1 of a MoE layer used experts" in seen[1] and "record the trace with the same data" in seen[1]
+    assert "trace_mismatched_calls" not in ExpertBuffer(8, 2, "lru").stats()  # only belady replays a trace
+
+
+def test_belady_replays_the_trace_through_the_placement(tmp_path):
+    # with --moe-placement, belady's future was the trace's logical experts [global_offset, + slots), but the store's
+    # slots hold the map's experts (and replicas): it evicted by another future. Now the recorded choices are routed
+    # through the map as the layer routes them, and the future is the physical slots each call uses
+    slots = [3, 7, 0, 1, 2, 3, 4, 5, 6, 7]  # one rank, 10 slots for 8 experts: replicas of 3 and 7
+    model = torch.nn.Sequential(_layer("dynamic", 2))
+    model[0].set_placement(LayerPlacement(slots, 8, 1))
+    model.eval()
+    buffered = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(4)
+    xs = [torch.randn(n, 16, generator=g) for n in (6, 3, 9, 2, 5, 4, 7)]
+    recorder = TraceRecorder(model, str(tmp_path / "t.npz"))
+    used = []
+    with torch.no_grad():
+        plain = [model(x) for x in xs]
+        for x in xs:
+            r = model[0].placement.route(model[0].gate(x))
+            used.append(sorted(set(r.expert_indices[r.valid].tolist())))  # physical slots with tokens, per call
+    write_trace(str(tmp_path / "t.npz"), recorder.trace())
+    configure_buffering(buffered, 3, "belady", str(tmp_path / "t.npz"))
+    with torch.no_grad():
+        for x, y in zip(xs, plain):
+            assert torch.equal(buffered(x), y)
+    s = buffered[0].experts.buffer.stats()
+    assert s["trace_mismatched_calls"] == 0 and s["lookups"] == sum(map(len, used))
+    assert s["misses"] == _misses("belady", used, K=3, E=10)
+
+
 def test_buffer_option_errors():
     with pytest.raises(MoEConfigError, match="between 1 and the 8 experts per rank"):
         configure_buffering(_layer("dynamic", 2), 9, "lru")
@@ -202,6 +257,7 @@ def test_generate_buffered_equals_resident(mt_generate_traced):
         assert _hyps(text) == _hyps(plain), flags
         total = _summary(text)["buffer"]
         assert total["lookups"] == lookups and total["hits"] + total["misses"] == lookups
+        assert total.get("trace_mismatched_calls", 0) == 0  # the run's own trace matches call for call
         K = int(flags[3])
         assert total["device_bytes_all_resident"] * K == 16 * total["device_bytes_buffered"]
     # belady is optimal: fewer misses than lifo at the same K
@@ -291,3 +347,61 @@ def test_simulator_replays_traces_through_the_store_policies(tmp_path):
     assert cyc["best_online"] == best
     assert 0 < cyc["gap_points"] == round(100 * (_misses(best, lookups, K=2) - 7) / 12, 3) <= round(100 * 2 / 12, 3)
     assert both["gap_to_belady"]["MT decoder"][2] != cyc  # pooled over both traces differs
+
+
+def test_simulator_merges_the_ranks_of_an_expert_parallel_trace(tmp_path):
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+    import simulate_buffering
+
+    from fairseq_moe_infer.trace import rank_path
+
+    names, layers = ["decoder.layers.0.moe_layer"], [0, 0, 0]
+    rank0 = [[[0], [1]], [[0]], [[2]]]  # per call, each token's top-1 choice
+    rank1 = [[[3]], [[1], [3]], [[0]]]
+    for r, calls in enumerate((rank0, rank1)):
+        write_trace(rank_path(str(tmp_path / "mt_ep.npz"), r),
+                    RoutingTrace(4, 1, names, layers, [len(c) for c in calls], [t for c in calls for t in c], 2, r))
+    both = [a + b for a, b in zip(rank0, rank1)]  # one process holding both ranks' tokens, call by call
+    write_trace(str(tmp_path / "mt_one.npz"), RoutingTrace(4, 1, names, layers, [len(c) for c in both],
+                                                           [t for c in both for t in c]))
+    ep = simulate_buffering.run([str(tmp_path / "mt_ep.npz")], ["lru"], sizes=[1, 2])["groups"]["MT decoder"]
+    one = simulate_buffering.run([str(tmp_path / "mt_one.npz")], ["lru"], sizes=[1, 2])["groups"]["MT decoder"]
+    assert ep == one and ep["lru"][2]["lookups"] == 3 + 3 + 2  # before: rank 0's lookups alone, 2 + 1 + 1
+    assert ep["lru"][2]["misses"] == _misses("lru", [[0, 1, 3], [0, 1, 3], [0, 2]], K=2, E=4)
+    pre = simulate_buffering.run_prefetch([str(tmp_path / "mt_ep.npz")], ["lru"], [2], ["none"])
+    assert pre["groups"]["MT decoder"]["none"]["lru"][2]["lookups"] == 8
+
+
+def test_simulator_refuses_bad_input_with_one_line(tmp_path, monkeypatch, capsys):
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+    import simulate_buffering
+
+    trace = RoutingTrace(4, 1, ["decoder.layers.0.moe_layer"], [0, 0], [1, 1], [[0], [3]])
+    good = tmp_path / "mt_toy.npz"
+    write_trace(str(good), trace)
+    cut = tmp_path / "mt_cut.npz"
+    cut.write_bytes(good.read_bytes()[:40])
+    out = str(tmp_path / "sim.json")
+    # before: a TraceError / ValueError traceback (the folder one after the whole simulation), K = 5 > E simulated
+    for args, line in [([str(cut)], f"simulate_buffering.py: error: {cut} is corrupt or truncated"),
+                       ([str(tmp_path / "none.npz")], f"simulate_buffering.py: error: routing trace {tmp_path / 'none.npz'} "
+                                                      "does not exist"),
+                       ([str(good), "--sizes", "0"], "simulate_buffering.py: error: --sizes 0: a cache size K must be in [1, 4]"),
+                       ([str(good), "--sizes", "2", "5"], "simulate_buffering.py: error: --sizes 5: a cache size K"),
+                       ([str(good), "--prefetch", "none", "--sizes", "5"], "simulate_buffering.py: error: --sizes 5: a cache"),
+                       ([str(good), "--out", str(tmp_path / "no" / "sim.json")],
+                        f"simulate_buffering.py: error: --out {tmp_path / 'no' / 'sim.json'}: folder {tmp_path / 'no'} does")]:
+        argv = ["simulate_buffering.py"] + args + ([] if "--out" in args else ["--out", out])
+        monkeypatch.setattr(sys, "argv", argv)
+        with pytest.raises(SystemExit) as e:
+            simulate_buffering.main()
+        assert str(e.value).startswith(line), (args, str(e.value))
+        assert "\n" not in str(e.value) and not os.path.exists(out)
+    monkeypatch.setattr(sys, "argv", ["simulate_buffering.py", str(good), "--sizes", "1"])  # --out is required: the
+    with pytest.raises(SystemExit):  # default overwrote the repository's benchmarks/results/buffering_simulation.json
+        simulate_buffering.main()
+    assert "--out" in capsys.readouterr().err

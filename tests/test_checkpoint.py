@@ -388,12 +388,19 @@ def test_export_and_convert_scripts_end_bad_input_in_one_line(tmp_path, capsys):
     (tmp_path / "text.pt").write_text("not a checkpoint\n")
     torch.save({"model": {"decoder.layers.1.moe_layer.experts.fc1_weight": torch.zeros(4, 3, 2)}, "cfg": {"model": None},
                 "optimizer_history": [{"num_updates": 1, "best_loss": 1.0}]}, tmp_path / "c.pt")
+    torch.save({"model": {"decoder.layers.1.moe_layer.experts.fc1_weight": torch.zeros(2, 3, 2)}}, tmp_path / "shard.pt")
+    torch.save(torch.zeros(3), tmp_path / "t.pt")
     cases = [
         (export, [str(tmp_path / "nope.pt")], f"export_checkpoint.py: error: checkpoint {tmp_path / 'nope.pt'} does not exist"),
         (export, [str(tmp_path / "text.pt")], rf"export_checkpoint.py: error: {tmp_path / 'text.pt'} is not a torch checkpoint "
                                               r"\(.*\); check the checkpoint path"),
         (export, [str(tmp_path / "c.pt"), "--expert-shards", "3"],
          "export_checkpoint.py: error: 3 shards do not divide the 4 experts"),
+        # an expert shard file, a tensor: before, a 'checkpoint' without config was written (exit 0) / a traceback
+        (export, [str(tmp_path / "shard.pt")], f"export_checkpoint.py: error: {tmp_path / 'shard.pt'} is not a fairseq "
+                                               "checkpoint: it holds the keys model, no model weights with their cfg"),
+        (export, [str(tmp_path / "t.pt")], f"export_checkpoint.py: error: {tmp_path / 't.pt'} is not a fairseq checkpoint: "
+                                           "it holds a Tensor"),
         (convert, [str(tmp_path / "nope-shared.pt")], f"convert_fairseq_moe_checkpoint.py: error: {tmp_path / 'nope-shared.pt'} "
                                                       "does not exist; give the MoE branch's <name>-shared.pt"),
         (convert, [str(tmp_path / "c.pt")],

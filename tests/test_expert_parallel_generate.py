@@ -153,11 +153,17 @@ def test_generate_one_sentence_on_two_ranks(tmp_path):
     """A one-sentence set: rank 1 has no batch at all (fairseq's generate would divide by its zero time)."""
     data = _subset(tmp_path / "one", [5])
     extra = ["--batch-size", "4", "--moe-gating", "dynamic", "--results-path", str(tmp_path / "res")]
-    one = _one("generate", _generate_args(data, extra[:-2]))
-    _ranks("generate", _generate_args(data, extra), 2)
+    one = _one("generate", _generate_args(data, extra[:-2] + ["--moe-stats-json", str(tmp_path / "one.json")]))
+    _ranks("generate", _generate_args(data, extra + ["--moe-stats-json", str(tmp_path / "ep.json")]), 2)
     printed = (tmp_path / "res" / "generate-test.txt").read_text()  # --results-path: rank 0 writes the merged file
     lines = _assert_same_output(one, printed)
     assert [kind for kind, _, _ in lines] == ["S", "T", "H", "D", "P"]
+    # rank 1 only served rank 0's tokens: it writes its summary too (it wrote none before), 0 tokens of its own
+    ref = json.loads((tmp_path / "one.json").read_text())
+    ranks = [json.loads((tmp_path / name).read_text()) for name in ("ep.json", "ep.json.rank1")]
+    assert ranks[1]["tokens"] == ranks[1]["routed"] == 0 and ranks[1]["rank"] == 1 and ranks[1]["complete"]
+    assert [r["tokens"] for r in ranks] == [ref["tokens"], 0] and ranks[0]["routed"] == ref["routed"]
+    _assert_all_ranks_gpu_load(ref, ranks)
 
 
 @pytest.mark.slow

@@ -114,6 +114,8 @@ def test_mt_train_generate_interactive(mt_checkpoint, tmp_path):
     ("eval-lm", ["--moe-eval-capacity-token-fraction", "inf"], "got inf"),
     ("eval-lm", ["--moe-stats-json", "/nonexistent-folder/stats.json"],
      "--moe-stats-json: folder /nonexistent-folder does not exist"),
+    ("eval-lm", ["--moe-stats-json", "run.out", "--moe-record-trace", "./run.out"],  # the trace replaced the summary
+     "--moe-stats-json and --moe-record-trace are the same file"),
     ("train", ["--arch", "transformer_lm_moe_small", "--moe-capacity-factor", "nan"],
      "--moe-capacity-factor must be a finite number"),
     ("train", ["--arch", "transformer_lm_moe_small", "--moe-expert-count", "1"], "--moe-top1-expert"),

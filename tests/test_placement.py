@@ -73,6 +73,11 @@ def test_bad_maps_are_refused_with_one_line(tmp_path):
         load_placement(str(path))
     for msg in [str(e) for e in [MoEConfigError("x")]]:
         assert "\n" not in msg
+    # JSON true / false were taken as expert / world size 1 / 0 (bool is an int in Python)
+    with pytest.raises(MoEConfigError, match=r"slot expert True is not an expert id in \[0, 3\)"):
+        Placement(2, 2, 3, {"a": [0, 1, 2, True]})
+    with pytest.raises(MoEConfigError, match="world_size must be a positive integer, got True"):
+        Placement(True, 4, 3, {"a": [0, 1, 2, 1]})
 
 
 def _layer(gating, placement=None, seed=0):
@@ -248,6 +253,36 @@ def test_trace_counts_sum_expert_parallel_ranks_call_by_call_and_the_script_writ
     placement = load_placement(str(out))
     assert placement.world_size == 2 and placement.slots_per_rank == 3 and placement.extra["policy"] == "replicate"
     placement.check_model(list(counts), 4, 2)
+
+
+def test_plan_placement_script_refuses_bad_input_with_one_line(tmp_path, capsys):
+    import sys
+
+    from fairseq_moe_infer.trace import RoutingTrace, write_trace
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+    import plan_placement
+
+    _write(tmp_path / "t.npz", [[0, 0, 1], [2], [3, 3], [1]], [0, 1, 0, 1])
+    # the same MoE layers, 8 experts: before, its held-out ratios were printed for the 4-expert map (exit 0)
+    write_trace(str(tmp_path / "e8.npz"), RoutingTrace(8, 1, ["decoder.layers.0.moe_layer", "decoder.layers.1.moe_layer"],
+                                                       [0, 1], [2, 1], np.array([[7], [6], [5]], dtype=np.int16)))
+    out = tmp_path / "map.json"
+    t = ["--trace", str(tmp_path / "t.npz")]
+    for args, line in [(t + ["--heldout", str(tmp_path / "e8.npz"), "--gpus", "2"],
+                        "plan_placement.py: error: the held-out traces are of another model (8 experts per MoE layer, "
+                        "the planning traces 4)"),
+                       (t + ["--gpus", "0"], "plan_placement.py: error: need at least one GPU and one slot per GPU, got "
+                                             "--gpus 0"),  # was: ZeroDivisionError traceback
+                       (t + ["--gpus", "2", "--slots", "0"], "plan_placement.py: error: need at least one GPU and one "
+                                                             "slot per GPU"),  # was: silently the default S = E / G
+                       (t + ["--gpus", "2", "--out", str(tmp_path / "no" / "map.json")],  # was: traceback after planning
+                        f"plan_placement.py: error: --out {tmp_path / 'no' / 'map.json'}: folder {tmp_path / 'no'} does "
+                        "not exist")]:
+        with pytest.raises(SystemExit) as e:
+            plan_placement.main(args + ["--out", str(out)] if "--out" not in args else args)
+        assert str(e.value).startswith(line), (args, str(e.value))
+        assert not out.exists() and "held-out traces:" not in capsys.readouterr().out
 
 
 def test_local_search_fixes_greedys_hand_case_and_finds_the_brute_force_optimum():

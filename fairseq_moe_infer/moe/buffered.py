@@ -42,6 +42,7 @@ issued, prefetch hits, wasted prefetch bytes and the misses saved against no pre
 CPU experts, the experts and tokens run on the CPU, the copy bytes that avoided and the rates used.
 """
 
+import logging
 import time
 from typing import Dict, List, Optional, Sequence
 
@@ -55,6 +56,7 @@ from .gate import MoEConfigError
 from .options import CPU_EXPERT_MODES
 
 _COPY_STREAMS: Dict[torch.device, "torch.cuda.Stream"] = {}
+logger = logging.getLogger("fairseq_moe_infer")
 
 
 def _copy_stream(device: torch.device):
@@ -106,7 +108,9 @@ class ExpertBuffer:
             raise MoEConfigError(str(e)) from None
         self.num_experts, self.num_slots, self.policy_name = num_experts, num_slots, policy
         self.prefetch_name, self.cpu_mode, self.cpu_rates = prefetch, cpu_experts, cpu_rates
-        self.future_calls = None if future is None else len(future)
+        # belady: each call's experts in the trace, to notice a trace of other data or flags (then not the optimum)
+        self.future = None if future is None else [{int(e) for e in f} for f in future]
+        self.trace_mismatched_calls = 0
         self.host: Optional[List[Tensor]] = None  # full [E_local, ...] stacks in (pinned) CPU memory
         self.slots: Optional[List[Tensor]] = None  # [K, ...] stacks on the device
         self.cost: Optional[CPUExpertCostModel] = None  # cpu_experts auto, set when the stacks are placed
@@ -326,6 +330,17 @@ class ExpertBuffer:
         return y
 
     def _lookup(self, active: List[int]) -> List[Wave]:
+        t = self.cache.t
+        if self.future is not None and (not self.future[t].issuperset(active) if t < len(self.future) else active):
+            if not self.trace_mismatched_calls:  # once per layer
+                logger.warning(
+                    "--moe-buffer-trace does not match this run: call %d of a MoE layer used experts %s, which %s; "
+                    "belady then evicts by another run's future and is not the offline optimum (counted as "
+                    "trace_mismatched_calls in moe_summary): record the trace with the same data and flags",
+                    t, sorted(set(active) - (self.future[t] if t < len(self.future) else set())),
+                    f"the trace's call {t} did not choose" if t < len(self.future)
+                    else f"the trace's {len(self.future)} calls of that layer do not reach")
+            self.trace_mismatched_calls += 1
         if self.shadow is not None:
             self.shadow.lookup(active)
         return self.cache.lookup(active)
@@ -430,7 +445,9 @@ class ExpertBuffer:
             ``bytes_copied_h2d`` (misses and prefetches), ``copy_s`` (seconds the copies took on the
             copy stream; host wall time on CPU), ``copy_overlapped_s`` (part of the misses' copies
             during the hits' compute), ``device_bytes_buffered`` (the K slots) and
-            ``device_bytes_all_resident`` (E_local experts).
+            ``device_bytes_all_resident`` (E_local experts). With ``belady``: ``trace_mismatched_calls``
+            (calls that used an expert the trace's same call did not choose, or past its end: a trace
+            of other data or flags, so not the offline optimum; a warning names the first).
             With a prefetch predictor also ``prefetch`` (its name), ``prefetches`` (experts copied
             in ahead), ``prefetch_hits`` (used by a call before eviction), ``prefetch_unused``
             (evicted unused, or not used by the end), ``bytes_prefetched``, ``wasted_prefetch_bytes``,
@@ -460,6 +477,8 @@ class ExpertBuffer:
             "device_bytes_buffered": self.bytes_per_expert * self.num_slots,
             "device_bytes_all_resident": self.bytes_per_expert * self.num_experts,
         }
+        if self.future is not None:
+            out["trace_mismatched_calls"] = self.trace_mismatched_calls
         if self.shadow is not None:
             unused = c.prefetch_evicted_unused + len(c.prefetch_pending)
             out.update({

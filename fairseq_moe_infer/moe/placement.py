@@ -56,7 +56,7 @@ def check_slots(slots: Sequence[int], num_experts: int, world_size: int, slots_p
         raise MoEConfigError(
             f"placement{at}: {len(slots)} slots, expected world_size * slots_per_rank = {world_size} * {slots_per_rank}"
         )
-    bad = [s for s in slots if not isinstance(s, int) or not 0 <= s < num_experts]
+    bad = [s for s in slots if not isinstance(s, int) or isinstance(s, bool) or not 0 <= s < num_experts]
     if bad:
         raise MoEConfigError(f"placement{at}: slot expert {bad[0]!r} is not an expert id in [0, {num_experts})")
     missing = sorted(set(range(num_experts)) - set(slots))
@@ -85,7 +85,7 @@ class Placement:
     def __post_init__(self):
         for name, value in (("world_size", self.world_size), ("slots_per_rank", self.slots_per_rank),
                             ("num_experts", self.num_experts)):
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise MoEConfigError(f"placement: {name} must be a positive integer, got {value!r}")
         if self.world_size * self.slots_per_rank < self.num_experts:
             raise MoEConfigError(
