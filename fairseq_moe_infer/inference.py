@@ -256,7 +256,6 @@ def configure_moe(model: nn.Module, cfg, branch: Optional[dict] = None) -> Optio
     return MoERunReport(model, cfg.moe_gating, fraction, cfg.moe_stats_json).register_atexit()
 
 
-__all__ = ["MoEInferenceConfig", "apply_placement", "configure_moe", "validate_inference_options", "MoEConfigError"]
 def configure_buffering(model: nn.Module, num_slots: int, policy: str = "lifo", trace_path: Optional[str] = None,
                         prefetch: str = "none", cpu_experts: str = "off") -> Optional[ExpertPredictor]:
     """Give every MoE layer's experts an :class:`~fairseq_moe_infer.moe.buffered.ExpertBuffer` of
@@ -321,4 +320,5 @@ def _slots_used(trace, layer: int, placement: LayerPlacement) -> np.ndarray:
     return used
 
 
-__all__ = ["MoEInferenceConfig", "configure_moe", "configure_buffering", "validate_inference_options", "MoEConfigError"]
+__all__ = ["MoEInferenceConfig", "apply_placement", "configure_moe", "configure_buffering", "validate_inference_options",
+           "MoEConfigError"]
