@@ -22,7 +22,7 @@ from .moe.options import check_moe_options
 from .moe.placement import LayerPlacement, Placement, load_placement
 from .moe.prefetch import ExpertPredictor, build_predictor
 from .report import MoERunReport
-from .trace import TraceError, TraceRecorder, rank_path, read_trace
+from .trace import TraceError, TraceRecorder, read_run_traces
 
 
 def check_writable_path(path: Optional[str]) -> Optional[str]:
@@ -288,8 +288,7 @@ def _belady_futures(path: str, named) -> dict:
     names = [n for n, _ in named]
     E = named[0][1].num_experts
     try:
-        first = read_trace(path, num_experts=E, layer_names=names)
-        traces = [first] + [read_trace(rank_path(path, r), E, names) for r in range(1, first.world_size)]
+        traces = read_run_traces(path, num_experts=E, layer_names=names)
     except TraceError as e:
         raise MoEConfigError(f"--moe-buffer-trace: {e}") from None
     futures = {}

@@ -390,14 +390,14 @@ def trace_layer_counts(paths: Sequence[str]) -> Dict[str, np.ndarray]:
         fairseq_moe_infer.trace.TraceError: unreadable traces, or traces of other models
             (another expert count or layer list than the first).
     """
-    from .trace import rank_path, read_trace
+    from .trace import read_run_traces
 
     out: Dict[str, List[np.ndarray]] = {}
     first = None
     for path in paths:
-        t = read_trace(path, *(first or (None, None)))
+        ranks = read_run_traces(path, *(first or (None, None)))
+        t = ranks[0]
         first = first or (t.num_experts, t.layer_names)
-        ranks = [t] + [read_trace(rank_path(path, r), t.num_experts, t.layer_names) for r in range(1, t.world_size)]
         for name in t.layer_names:
             per_rank = [r.expert_counts(name) for r in ranks]
             n = min(len(c) for c in per_rank)

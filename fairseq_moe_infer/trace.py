@@ -241,6 +241,19 @@ def rank_path(path: str, rank: int) -> str:
     return path if rank == 0 else f"{path}.rank{rank}"
 
 
+def read_run_traces(path: str, num_experts: Optional[int] = None, layer_names: Optional[Sequence[str]] = None,
+                    allow_incomplete: bool = False) -> List["RoutingTrace"]:
+    """The traces of one run: ``path`` and, for an expert-parallel run, its ranks' files
+    (:func:`rank_path`), in rank order, each checked as :func:`read_trace` checks it (the rank files
+    against ``path``'s expert count and layer list).
+
+    Raises:
+        TraceError: a file is unusable, or of another model than the first."""
+    first = read_trace(path, num_experts, layer_names, allow_incomplete)
+    return [first] + [read_trace(rank_path(path, r), first.num_experts, first.layer_names, allow_incomplete)
+                      for r in range(1, first.world_size)]
+
+
 def merge_rank_traces(paths: Sequence[str], **read_kwargs) -> RoutingTrace:
     """One trace holding the calls of every file in ``paths`` (ranks of one expert-parallel run),
     concatenated in the order given.

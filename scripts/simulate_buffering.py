@@ -45,7 +45,7 @@ sys.path.insert(0, REPO)
 
 from fairseq_moe_infer.moe.eviction import POLICIES, SlotCache, build_policy  # noqa: E402
 from fairseq_moe_infer.moe.prefetch import PreviousStep, ranked_experts  # noqa: E402
-from fairseq_moe_infer.trace import RoutingTrace, TraceError, rank_path, read_trace  # noqa: E402
+from fairseq_moe_infer.trace import RoutingTrace, TraceError, read_run_traces  # noqa: E402
 
 ONLINE = [p for p in sorted(POLICIES) if p != "belady"]
 SIM_PREDICTORS = ("none", "previous-step", "next-call")
@@ -66,11 +66,10 @@ def read_run(path: str, allow_incomplete: bool = False) -> RoutingTrace:
 
     Raises:
         TraceError: unreadable rank files, or ranks that recorded other call sequences."""
-    t = read_trace(path, allow_incomplete=allow_incomplete)
+    ranks = read_run_traces(path, allow_incomplete=allow_incomplete)
+    t = ranks[0]
     if t.world_size == 1:
         return t
-    ranks = [t] + [read_trace(rank_path(path, r), t.num_experts, t.layer_names, allow_incomplete)
-                   for r in range(1, t.world_size)]
     if any(not np.array_equal(r.call_layer, t.call_layer) for r in ranks):
         raise TraceError(f"the ranks of {path} recorded other MoE-layer call sequences; record the run again")
     choices = [r.call_choices(i) for i in range(t.num_calls) for r in ranks]

@@ -331,14 +331,15 @@ class ExpertBuffer:
 
     def _lookup(self, active: List[int]) -> List[Wave]:
         t = self.cache.t
-        if self.future is not None and (not self.future[t].issuperset(active) if t < len(self.future) else active):
+        in_trace = self.future is not None and t < len(self.future)
+        unexpected = set(active) - self.future[t] if in_trace else set(active) if self.future is not None else set()
+        if unexpected:
             if not self.trace_mismatched_calls:  # once per layer
                 logger.warning(
                     "--moe-buffer-trace does not match this run: call %d of a MoE layer used experts %s, which %s; "
                     "belady then evicts by another run's future and is not the offline optimum (counted as "
                     "trace_mismatched_calls in moe_summary): record the trace with the same data and flags",
-                    t, sorted(set(active) - (self.future[t] if t < len(self.future) else set())),
-                    f"the trace's call {t} did not choose" if t < len(self.future)
+                    t, sorted(unexpected), f"the trace's call {t} did not choose" if in_trace
                     else f"the trace's {len(self.future)} calls of that layer do not reach")
             self.trace_mismatched_calls += 1
         if self.shadow is not None:
