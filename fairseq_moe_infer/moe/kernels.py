@@ -22,7 +22,7 @@ which computes the same function (tested against each other on the GPU:
 ``tests/test_gpu.py``).
 """
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -83,6 +83,72 @@ if triton is not None:
             acc += w * tl.load(y_ptr + src * stride_y + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + t * stride_o + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
+    @triton.jit
+    def _grouped_linear_kernel(x_ptr, w_ptr, b_ptr, counts_ptr, out_ptr, n_rows, n_out, k_in, n_groups,
+                               stride_x, stride_wg, stride_wn, stride_bg, stride_o,
+                               ACT: tl.constexpr, IEEE: tl.constexpr, EVEN_K: tl.constexpr, GROUPS_P2: tl.constexpr,
+                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                               GROUP_M: tl.constexpr):
+        # program -> (M-tile, N-tile), M-tiles taken GROUP_M at a time so that programs running
+        # together share x rows and weight columns in L2 (the Triton matmul tutorial's order)
+        pid = tl.program_id(0)
+        tiles_m = tl.cdiv(n_rows, BLOCK_M) + n_groups  # upper bound of the real M-tiles, tail included
+        tiles_n = tl.cdiv(n_out, BLOCK_N)
+        band = GROUP_M * tiles_n
+        first_m = (pid // band) * GROUP_M
+        band_m = tl.minimum(tiles_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % band) % band_m
+        pid_n = (pid % band) // band_m
+        # tile table, recomputed by every program from the device-side counts (no host sync, no
+        # extra launch): group g owns M-tiles [tile_end[g] - tiles[g], tile_end[g]), rows [row_end[g] - c[g], row_end[g])
+        gi = tl.arange(0, GROUPS_P2)
+        c = tl.load(counts_ptr + gi, mask=gi < n_groups, other=0).to(tl.int64)
+        tiles = (c + BLOCK_M - 1) // BLOCK_M
+        tile_end = tl.cumsum(tiles, 0)
+        row_end = tl.cumsum(c, 0)
+        g = tl.sum((tile_end <= pid_m).to(tl.int32), 0)  # first group whose tiles end past pid_m
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < n_out
+        if g < n_groups:
+            own = gi == g
+            r_end = tl.sum(tl.where(own, row_end, 0), 0)
+            rows = (tl.sum(tl.where(own, row_end - c, 0), 0)
+                    + (pid_m - tl.sum(tl.where(own, tile_end - tiles, 0), 0)) * BLOCK_M + tl.arange(0, BLOCK_M))
+            row_ok = rows < r_end
+            ks = tl.arange(0, BLOCK_K)
+            a_ptrs = x_ptr + rows[:, None] * stride_x + ks[None, :]
+            # B tile [BLOCK_K, BLOCK_N] read straight from the [n_out, k_in] weight (k contiguous)
+            b_ptrs = w_ptr + g.to(tl.int64) * stride_wg + cols[None, :].to(tl.int64) * stride_wn + ks[:, None]
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k0 in range(0, k_in, BLOCK_K):
+                if EVEN_K:
+                    a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+                    b = tl.load(b_ptrs, mask=col_ok[None, :], other=0.0)
+                else:
+                    k_ok = ks < k_in - k0
+                    a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                    b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+                if IEEE:
+                    acc = tl.dot(a, b, acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(a, b, acc)
+                a_ptrs += BLOCK_K
+                b_ptrs += BLOCK_K
+            acc += tl.load(b_ptr + g.to(tl.int64) * stride_bg + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            if ACT == 1:
+                acc = tl.maximum(acc, 0.0)
+            if ACT == 2:
+                acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
+            tl.store(out_ptr + rows[:, None] * stride_o + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+                     mask=row_ok[:, None] & col_ok[None, :])
+        else:
+            # unrouted tail rows [sum(c), n_rows), in M-tiles after the groups' tiles: written as zeros;
+            # programs past the last tail tile store nothing
+            rows = tl.sum(c, 0) + (pid_m - tl.sum(tiles, 0)) * BLOCK_M + tl.arange(0, BLOCK_M)
+            zero = tl.zeros((BLOCK_M, BLOCK_N), dtype=out_ptr.dtype.element_ty)
+            tl.store(out_ptr + rows[:, None] * stride_o + cols[None, :], zero,
+                     mask=(rows < n_rows)[:, None] & col_ok[None, :])
+
 
 def _block(n_cols: int) -> int:
     return min(1024, triton.next_power_of_2(n_cols))
@@ -134,5 +200,85 @@ def unpermute_combine(y_sorted: Tensor, inverse: Tensor, weights: Tensor, k: int
     block = _block(d)
     _combine_kernel[(n_tokens, triton.cdiv(d, block))](
         y_sorted, inverse, weights, out, n_tokens, d, y_sorted.stride(0), out.stride(0), K=k, BLOCK=block,
+    )
+    return out
+
+
+class GemmConfig(NamedTuple):
+    """Tile shape and launch parameters of :func:`grouped_linear_bias_act`: an M-tile of
+    ``block_m`` rows of one group times ``block_n`` output columns, ``block_k`` deep per step;
+    ``group_m`` M-tiles share a band of programs (L2 reuse); Triton's ``num_warps``/``num_stages``."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 4
+
+
+def grouped_linear_config(n_rows: int, n_groups: int) -> GemmConfig:
+    """The default tile config of :func:`grouped_linear_bias_act`, from the mean rows per group
+    (a host-side shape, no sync). Small groups (decoding, many experts) are weight-read bound:
+    short M-tiles waste little compute and long K steps keep many weight bytes in flight; large
+    groups are compute bound: the Triton matmul tutorial's Hopper tiles."""
+    mean = n_rows / max(n_groups, 1)
+    if mean <= 24:
+        return GemmConfig(16, 128, 128, group_m=1, num_warps=4, num_stages=4)
+    if mean <= 96:
+        return GemmConfig(64, 128, 64, group_m=4, num_warps=4, num_stages=4)
+    return GemmConfig(128, 256, 64, group_m=8, num_warps=8, num_stages=3)
+
+
+def grouped_linear_bias_act(x: Tensor, weight: Tensor, bias: Tensor, counts: Tensor, activation: str = "identity",
+                            config: Optional[GemmConfig] = None) -> Tensor:
+    """One grouped GEMM with the bias and activation in its epilogue:
+    ``out[r] = act(x[r] @ weight[g]^T + bias[g])`` for the rows ``r`` of group ``g``, zeros for unrouted rows.
+
+    Replaces ``torch._grouped_mm`` + :func:`bias_act_rows_` (one fewer pass over the [N, n_out] output).
+    Group ``g`` owns rows ``[offs[g-1], offs[g])``, ``offs = cumsum(counts)``; rows from ``offs[-1]`` on are
+    unrouted. The kernel's grid is fixed by the shapes (``cdiv(N, block_m) + G`` M-tiles, an upper bound,
+    times ``cdiv(n_out, block_n)``) and every program finds its group, first row and last row from
+    ``counts`` on the device (as vLLM's ``moe_align_block_size`` table, without its extra launch); programs
+    past the last tile store nothing. No host sync: CUDA-graph capturable.
+
+    Args:
+        x: [N, k_in] bf16/fp16 (fp32 also: IEEE fp32 dot, for tests), rows sorted by group, row-major.
+        weight: [G, n_out, k_in], ``nn.Linear`` layout per group (``fc1_weight`` [G, f, d], ``fc2_weight``
+            [G, d, f]), k contiguous (read as is, never transposed or copied); same dtype as x.
+        bias: [G, n_out], same dtype.
+        counts: [G] int64 rows per group, on x's device, ``counts.sum() <= N`` (not checked: no sync).
+        activation: ``identity`` | ``relu`` | ``gelu`` (erf form, ``torch.nn.functional.gelu``'s default).
+        config: tile config; default :func:`grouped_linear_config` (a benchmark sweeps others).
+
+    Returns:
+        New [N, n_out] tensor in x's dtype; accumulated in float32, bias and activation in float32,
+        one rounding on store.
+
+    Raises:
+        ValueError: mismatched shapes, dtypes or devices, a non-contiguous k dimension, an unknown activation.
+    """
+    n_rows, k_in = x.shape
+    n_groups, n_out = bias.shape
+    if weight.shape != (n_groups, n_out, k_in) or counts.shape != (n_groups,):
+        raise ValueError(f"grouped_linear_bias_act: x {tuple(x.shape)}, weight {tuple(weight.shape)}, bias "
+                         f"{tuple(bias.shape)}, counts {tuple(counts.shape)}: want [N, k], [G, n, k], [G, n], [G]")
+    if not (x.dtype == weight.dtype == bias.dtype) or len({x.device, weight.device, bias.device, counts.device}) > 1:
+        raise ValueError("grouped_linear_bias_act: x, weight, bias (same dtype) and counts must be on one device")
+    if x.stride(1) != 1 or weight.stride(2) != 1 or bias.stride(1) != 1:
+        raise ValueError("grouped_linear_bias_act: x, weight and bias must be contiguous along their last dimension")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"grouped_linear_bias_act: activation {activation!r} is not one of {sorted(ACTIVATIONS)}")
+    out = torch.empty(n_rows, n_out, dtype=x.dtype, device=x.device)
+    if n_rows == 0 or n_out == 0:
+        return out
+    cfg = config or grouped_linear_config(n_rows, n_groups)
+    grid = ((triton.cdiv(n_rows, cfg.block_m) + n_groups) * triton.cdiv(n_out, cfg.block_n),)
+    _grouped_linear_kernel[grid](
+        x, weight, bias, counts, out, n_rows, n_out, k_in, n_groups,
+        x.stride(0), weight.stride(0), weight.stride(1), bias.stride(0), out.stride(0),
+        ACT=ACTIVATIONS[activation], IEEE=x.dtype == torch.float32, EVEN_K=k_in % cfg.block_k == 0,
+        GROUPS_P2=max(2, triton.next_power_of_2(n_groups)), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
