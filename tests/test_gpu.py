@@ -1,4 +1,5 @@
-"""GPU checks (run on the device machine): grouped GEMM and static == dynamic in bf16/fp16."""
+"""GPU checks (run on the device machine): grouped GEMM (torch._grouped_mm and the fused Triton one) and static ==
+dynamic in bf16/fp16."""
 
 import pytest
 import torch
@@ -143,6 +144,70 @@ def test_dynamic_layer_captures_in_a_cuda_graph():
         static_x.copy_(x)
         graph.replay()
         assert torch.equal(static_y, eager)
+
+
+
+def _routed_rows(E, tokens, unrouted, g):
+    """Top-2 routing of ``tokens`` tokens from random gate logits with a per-expert skew (uneven groups):
+    counts [E] int64 of the first 2 * tokens - unrouted rows (the rest: unrouted), expert of each row."""
+    logits = torch.randn(tokens, E, device="cuda", generator=g) + torch.randn(E, device="cuda", generator=g)
+    experts = logits.topk(2, dim=1).indices.flatten()[: 2 * tokens - unrouted].sort().values
+    counts = torch.bincount(experts, minlength=E)
+    return counts, torch.cat([experts, torch.full((unrouted,), E, device="cuda")])
+
+
+@pytest.mark.parametrize("E,d,f", [(64, 1024, 4096), (128, 1024, 4096), (128, 2048, 8192)])
+def test_grouped_linear_bias_act_matches_grouped_mm_on_paper_shapes(E, d, f):
+    """The fused grouped GEMM (bias + activation epilogue) == torch._grouped_mm + bias_act_rows_, bf16,
+    4,096 tokens top-2 with 100 unrouted rows, fc1 (gelu) then fc2 (identity); a sample of rows also
+    against float64."""
+    from fairseq_moe_infer.moe import kernels
+
+    if kernels.triton is None or not grouped_gemm_available(torch.zeros(1, device="cuda", dtype=torch.bfloat16)):
+        pytest.skip("needs Triton and torch._grouped_mm (compute capability 9.0)")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    counts, expert_of_row = _routed_rows(E, 4096, 100, g)
+    routed = 2 * 4096 - 100
+    offs = counts.cumsum(0).to(torch.int32)
+    x = torch.randn(2 * 4096, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    for k_in, n_out, act in ((d, f, "gelu"), (f, d, "identity")):
+        w = (torch.rand(E, n_out, k_in, device="cuda", generator=g) * 2 - 1).div_(k_in ** 0.5).to(torch.bfloat16)
+        b = (torch.rand(E, n_out, device="cuda", generator=g) * 2 - 1).div_(k_in ** 0.5).to(torch.bfloat16)
+        ref = kernels.bias_act_rows_(torch._grouped_mm(x, w.transpose(1, 2), offs=offs), b, expert_of_row, act)
+        for config in (None, kernels.GemmConfig(64, 128, 64), kernels.GemmConfig(128, 128, 64, num_warps=8, num_stages=3)):
+            out = kernels.grouped_linear_bias_act(x, w, b, counts, act, config=config)
+            assert out[routed:].abs().max().item() == 0.0
+            err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+            assert err < 1e-2, (act, config, err)
+        rows = torch.randint(0, routed, (16,), generator=torch.Generator().manual_seed(0)).tolist()
+        exact = torch.stack([x[r].double() @ w[e].double().T + b[e].double() for r, e in
+                             zip(rows, expert_of_row[rows].tolist())])
+        exact = torch.nn.functional.gelu(exact) if act == "gelu" else exact
+        assert ((out[rows].double() - exact).norm() / exact.norm()).item() < 1e-2
+        x = ref  # fc2 reads fc1's output
+
+
+def test_grouped_linear_bias_act_captures_in_a_cuda_graph():
+    """No host sync: captured once, replayed with other counts (set in place) it equals eager calls."""
+    from fairseq_moe_infer.moe import kernels
+
+    if kernels.triton is None:
+        pytest.skip("Triton not installed")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    E, d, f = 16, 256, 512
+    x = torch.randn(1000, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    w = torch.randn(E, f, d, device="cuda", generator=g).div_(16).to(torch.bfloat16)
+    b = torch.randn(E, f, device="cuda", dtype=torch.bfloat16, generator=g)
+    counts = _routed_rows(E, 500, 40, g)[0]
+    kernels.grouped_linear_bias_act(x, w, b, counts, "relu")  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = kernels.grouped_linear_bias_act(x, w, b, counts, "relu")
+    for unrouted in (0, 40, 999):
+        counts.copy_(_routed_rows(E, 500, unrouted, g)[0])
+        graph.replay()
+        assert torch.equal(static_y, kernels.grouped_linear_bias_act(x, w, b, counts, "relu")), unrouted
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")

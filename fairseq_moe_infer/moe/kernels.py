@@ -1,4 +1,4 @@
-"""Fused memory-bound steps of the dynamic path (Triton; CUDA, inference only).
+"""Fused steps of the dynamic path (Triton; CUDA, inference only).
 
 Around the two grouped GEMMs the dynamic path makes several full passes over
 [N, f] and [N, d] activations (N = routed rows): gather each row's expert bias,
@@ -16,7 +16,19 @@ Two kernels replace them:
   one gather-read of the k rows of each token and one write, instead of a
   gather, a multiply and a reduction.
 
-Both are used only where :func:`fused_available` says so (CUDA tensor, Triton
+A third fuses the bias pass into the GEMM itself:
+
+* :func:`grouped_linear_bias_act` -- a grouped GEMM with the bias, the
+  activation and the zeroing of unrouted rows in its epilogue,
+  ``out[r] = act(x[r] @ weight[g]^T + bias[g])``, so one GEMM plus
+  :func:`bias_act_rows_` become one kernel that writes its output once. Its
+  tile table (M-tile -> group, first row, last row) is computed on the device
+  from the group counts inside every program, over a grid fixed by the shapes:
+  no host sync, CUDA-graph capturable. Not used by the layer yet (measured
+  against ``torch._grouped_mm`` + :func:`bias_act_rows_` by
+  ``benchmarks/bench_grouped_gemm.py``).
+
+The first two are used only where :func:`fused_available` says so (CUDA tensor, Triton
 importable, no gradient needed); elsewhere the callers keep their PyTorch code,
 which computes the same function (tested against each other on the GPU:
 ``tests/test_gpu.py``).
