@@ -121,45 +121,45 @@ if triton is not None:
         g = tl.sum((tile_end <= pid_m).to(tl.int32), 0)  # first group whose tiles end past pid_m
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < n_out
-        if g < n_groups:
-            own = gi == g
-            r_end = tl.sum(tl.where(own, row_end, 0), 0)
-            rows = (tl.sum(tl.where(own, row_end - c, 0), 0)
-                    + (pid_m - tl.sum(tl.where(own, tile_end - tiles, 0), 0)) * BLOCK_M + tl.arange(0, BLOCK_M))
-            row_ok = rows < r_end
-            ks = tl.arange(0, BLOCK_K)
-            a_ptrs = x_ptr + rows[:, None] * stride_x + ks[None, :]
-            # B tile [BLOCK_K, BLOCK_N] read straight from the [n_out, k_in] weight (k contiguous)
-            b_ptrs = w_ptr + g.to(tl.int64) * stride_wg + cols[None, :].to(tl.int64) * stride_wn + ks[:, None]
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for k0 in range(0, k_in, BLOCK_K):
-                if EVEN_K:
-                    a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
-                    b = tl.load(b_ptrs, mask=col_ok[None, :], other=0.0)
-                else:
-                    k_ok = ks < k_in - k0
-                    a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                    b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-                if IEEE:
-                    acc = tl.dot(a, b, acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(a, b, acc)
-                a_ptrs += BLOCK_K
-                b_ptrs += BLOCK_K
-            acc += tl.load(b_ptr + g.to(tl.int64) * stride_bg + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-            if ACT == 1:
-                acc = tl.maximum(acc, 0.0)
-            if ACT == 2:
-                acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
-            tl.store(out_ptr + rows[:, None] * stride_o + cols[None, :], acc.to(out_ptr.dtype.element_ty),
-                     mask=row_ok[:, None] & col_ok[None, :])
-        else:
+        if g >= n_groups:
             # unrouted tail rows [sum(c), n_rows), in M-tiles after the groups' tiles: written as zeros;
             # programs past the last tail tile store nothing
             rows = tl.sum(c, 0) + (pid_m - tl.sum(tiles, 0)) * BLOCK_M + tl.arange(0, BLOCK_M)
             zero = tl.zeros((BLOCK_M, BLOCK_N), dtype=out_ptr.dtype.element_ty)
             tl.store(out_ptr + rows[:, None] * stride_o + cols[None, :], zero,
                      mask=(rows < n_rows)[:, None] & col_ok[None, :])
+            return
+        own = gi == g
+        r_end = tl.sum(tl.where(own, row_end, 0), 0)
+        rows = (tl.sum(tl.where(own, row_end - c, 0), 0)
+                + (pid_m - tl.sum(tl.where(own, tile_end - tiles, 0), 0)) * BLOCK_M + tl.arange(0, BLOCK_M))
+        row_ok = rows < r_end
+        ks = tl.arange(0, BLOCK_K)
+        a_ptrs = x_ptr + rows[:, None] * stride_x + ks[None, :]
+        # B tile [BLOCK_K, BLOCK_N] read straight from the [n_out, k_in] weight (k contiguous)
+        b_ptrs = w_ptr + g.to(tl.int64) * stride_wg + cols[None, :].to(tl.int64) * stride_wn + ks[:, None]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, k_in, BLOCK_K):
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+                b = tl.load(b_ptrs, mask=col_ok[None, :], other=0.0)
+            else:
+                k_ok = ks < k_in - k0
+                a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            if IEEE:
+                acc = tl.dot(a, b, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b, acc)
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K
+        acc += tl.load(b_ptr + g.to(tl.int64) * stride_bg + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        if ACT == 1:
+            acc = tl.maximum(acc, 0.0)
+        if ACT == 2:
+            acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
+        tl.store(out_ptr + rows[:, None] * stride_o + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & col_ok[None, :])
 
 
 def _block(n_cols: int) -> int:
@@ -233,13 +233,15 @@ def grouped_linear_config(n_rows: int, n_groups: int) -> GemmConfig:
     """The default tile config of :func:`grouped_linear_bias_act`, from the mean rows per group
     (a host-side shape, no sync). Small groups (decoding, many experts) are weight-read bound:
     short M-tiles waste little compute and long K steps keep many weight bytes in flight; large
-    groups are compute bound: the Triton matmul tutorial's Hopper tiles."""
+    groups are compute bound: 128 x 128 tiles (wgmma), 8 warps (with 4 warps, or 128 x 256 tiles, the
+    float32 accumulator plus the erf of the gelu epilogue spill registers: ptxas for sm_90, Triton 3.9).
+    Not measured yet: ``benchmarks/bench_grouped_gemm.py`` sweeps these and others on the H200."""
     mean = n_rows / max(n_groups, 1)
     if mean <= 24:
         return GemmConfig(16, 128, 128, group_m=1, num_warps=4, num_stages=4)
     if mean <= 96:
         return GemmConfig(64, 128, 64, group_m=4, num_warps=4, num_stages=4)
-    return GemmConfig(128, 256, 64, group_m=8, num_warps=8, num_stages=3)
+    return GemmConfig(128, 128, 64, group_m=8, num_warps=8, num_stages=4)
 
 
 def grouped_linear_bias_act(x: Tensor, weight: Tensor, bias: Tensor, counts: Tensor, activation: str = "identity",
