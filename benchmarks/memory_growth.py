@@ -22,6 +22,7 @@ import argparse
 import os
 import sys
 import tempfile
+import tracemalloc
 
 import numpy as np
 import torch
@@ -62,10 +63,11 @@ def _rss_bytes() -> int:
 class MemorySampler:
     """Global forward hook on the MoE layers: a memory sample every ``every`` MoE forwards."""
 
-    def __init__(self, every: int):
+    def __init__(self, every: int, python_heap: bool = False):
         from fairseq_moe_infer.moe import MoELayer
 
         self.every, self.calls, self.sentences, self.samples = every, 0, 0, []
+        self.python_heap, self.snapshots = python_heap, []
         self._cls, self._first = MoELayer, None
         self._handle = torch.nn.modules.module.register_module_forward_hook(self._hook)
 
@@ -81,10 +83,23 @@ class MemorySampler:
             s = {"moe_forwards": self.calls, "sentences_started": self.sentences, "rss_bytes": _rss_bytes()}
             if torch.cuda.is_available():
                 s.update(cuda_allocated_bytes=torch.cuda.memory_allocated(), cuda_reserved_bytes=torch.cuda.memory_reserved())
+            if self.python_heap:
+                s["python_heap_bytes"] = tracemalloc.get_traced_memory()[0]
+                self.snapshots.append(tracemalloc.take_snapshot())
+                del self.snapshots[1:-1]  # keep the first and the latest
             self.samples.append(s)
 
     def close(self):
         self._handle.remove()
+
+
+def heap_growth(first, last, top: int = 15) -> list:
+    """The ``top`` source lines whose live Python allocations grew most between two tracemalloc
+    snapshots: ``where`` (file:line), ``size_diff_bytes``, ``count_diff``, ``size_bytes``."""
+    stats = last.compare_to(first, "lineno")
+    stats.sort(key=lambda d: d.size_diff, reverse=True)
+    return [{"where": f"{d.traceback[0].filename}:{d.traceback[0].lineno}", "size_diff_bytes": d.size_diff,
+             "count_diff": d.count_diff, "size_bytes": d.size} for d in stats[:top]]
 
 
 def growth(samples: list, key: str) -> dict:
@@ -109,6 +124,9 @@ def main(argv=None):
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--sample-every", type=int, default=200, help="MoE-layer forwards between samples")
     p.add_argument("--checkpoint", default=CKPT)
+    p.add_argument("--python-heap", action="store_true",
+                   help="also trace Python allocations (tracemalloc; slower): their size at each sample, and the source "
+                        "lines that grew most between the first and the last sample")
     p.add_argument("--out", required=True)
     p.add_argument("generate_args", nargs="*", help="extra fairseq-generate flags (after --)")
     a = p.parse_args(argv)
@@ -127,14 +145,19 @@ def main(argv=None):
         args += ["--cpu"] if a.device == "cpu" else ["--fp16"]
         args += a.generate_args
         parser = options.get_generation_parser()
-        sampler = MemorySampler(a.sample_every)
+        if a.python_heap:
+            tracemalloc.start()
+        sampler = MemorySampler(a.sample_every, a.python_heap)
         generate.main(options.parse_args_and_arch(parser, input_args=args))
         sampler.close()
 
     keys = ["rss_bytes"] + (["cuda_allocated_bytes", "cuda_reserved_bytes"] if a.device == "cuda" else [])
+    keys += ["python_heap_bytes"] if a.python_heap else []
     result = {**run_info(), "sentences": a.sentences, "batch_size": a.batch_size, "beam": a.beam,
               "generate_args": a.generate_args, "samples": sampler.samples,
               "growth_second_half": {k: growth(sampler.samples, k) for k in keys}}
+    if len(sampler.snapshots) == 2:
+        result["python_heap_growth_first_to_last_sample"] = heap_growth(*sampler.snapshots)
     write_json(a.out, result)
     for k, g in result["growth_second_half"].items():
         print(f"{k}: mid {g.get('mid_bytes', 0) / 2**20:.1f} MiB -> last {g.get('last_bytes', 0) / 2**20:.1f} MiB "

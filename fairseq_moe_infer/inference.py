@@ -43,7 +43,7 @@ def check_writable_path(path: Optional[str]) -> Optional[str]:
 class MoEInferenceConfig(FairseqDataclass):
     """``--moe-gating``, ``--moe-eval-capacity-token-fraction``, ``--moe-stats-json``, ``--moe-record-trace``,
     ``--moe-expert-buffer-size`` & co. (``--moe-prefetch``, ``--moe-cpu-experts``), ``--moe-placement``,
-    ``--moe-collective-timeout``."""
+    ``--moe-cuda-graph-max-tokens``, ``--moe-collective-timeout``."""
 
     moe_gating: str = field(
         default="static",
@@ -108,6 +108,15 @@ class MoEInferenceConfig(FairseqDataclass):
             "shards (rank r holds experts [r*E/W, (r+1)*E/W))"
         },
     )
+    moe_cuda_graph_max_tokens: int = field(
+        default=0,
+        metadata={
+            "help": "inference on one GPU with --moe-gating dynamic: MoE-layer calls of at most N tokens (decoding "
+            "steps) replay a CUDA graph captured once per power-of-two token count, padding the call to it "
+            "(fairseq_moe_infer/moe/graphs.py); 0 = off. Not with expert parallelism, --moe-expert-buffer-size, "
+            "--moe-record-trace"
+        },
+    )
     moe_collective_timeout: float = field(
         default=0.0,
         metadata={
@@ -129,10 +138,21 @@ def validate_inference_options(cfg) -> None:
             moe_prefetch=getattr(cfg, "moe_prefetch", None),
             moe_cpu_experts=getattr(cfg, "moe_cpu_experts", None),
             moe_collective_timeout=getattr(cfg, "moe_collective_timeout", None),
+            moe_cuda_graph_max_tokens=getattr(cfg, "moe_cuda_graph_max_tokens", None),
         )
     except MoEConfigError as e:
         exit_with_error(str(e))
     problem = None
+    if getattr(cfg, "moe_cuda_graph_max_tokens", 0):
+        if cfg.moe_gating != "dynamic":
+            problem = ("--moe-cuda-graph-max-tokens needs --moe-gating dynamic (static gating's capacity follows the "
+                       "batch's token count, which the graph's padding would change)")
+        elif getattr(cfg, "moe_expert_buffer_size", 0):
+            problem = ("--moe-cuda-graph-max-tokens needs every expert resident: drop --moe-expert-buffer-size (expert "
+                       "buffering decides its copies on the host) or the graph flag")
+        elif getattr(cfg, "moe_record_trace", None):
+            problem = ("--moe-record-trace reads every call's routing on the host, which a replayed CUDA graph skips: "
+                       "drop --moe-cuda-graph-max-tokens while recording")
     if getattr(cfg, "moe_expert_buffer_size", 0) and cfg.moe_buffer_policy == "belady" and not cfg.moe_buffer_trace:
         problem = ("--moe-buffer-policy belady replays a routing trace: give --moe-buffer-trace PATH "
                    "(recorded with --moe-record-trace on the same data and flags)")
@@ -253,7 +273,22 @@ def configure_moe(model: nn.Module, cfg, branch: Optional[dict] = None) -> Optio
                             getattr(cfg, "moe_prefetch", "none"), getattr(cfg, "moe_cpu_experts", "off"))
     if getattr(cfg, "moe_record_trace", None):
         TraceRecorder(model, cfg.moe_record_trace).register_atexit()
+    if getattr(cfg, "moe_cuda_graph_max_tokens", 0):
+        configure_cuda_graphs(model, cfg.moe_cuda_graph_max_tokens)
     return MoERunReport(model, cfg.moe_gating, fraction, cfg.moe_stats_json).register_atexit()
+
+
+def configure_cuda_graphs(model: nn.Module, max_tokens: int, capture: bool = True) -> None:
+    """Let every MoE layer of ``model`` replay CUDA graphs for calls of at most ``max_tokens`` tokens
+    (``--moe-cuda-graph-max-tokens``; :mod:`~fairseq_moe_infer.moe.graphs`), all layers' graphs in
+    one memory pool (they replay one at a time). 0 turns graphs off.
+
+    Raises:
+        MoEConfigError: static gating, expert parallelism or expert buffering.
+    """
+    pool = torch.cuda.graph_pool_handle() if max_tokens and capture and torch.cuda.is_available() else None
+    for m in moe_layers(model):
+        m.set_cuda_graphs(max_tokens, capture, pool)
 
 
 def configure_buffering(model: nn.Module, num_slots: int, policy: str = "lifo", trace_path: Optional[str] = None,
@@ -319,5 +354,6 @@ def _slots_used(trace, layer: int, placement: LayerPlacement) -> np.ndarray:
     return used
 
 
-__all__ = ["MoEInferenceConfig", "apply_placement", "configure_moe", "configure_buffering", "validate_inference_options",
+__all__ = ["MoEInferenceConfig", "apply_placement", "configure_moe", "configure_buffering", "configure_cuda_graphs",
+           "validate_inference_options",
            "MoEConfigError"]

@@ -150,6 +150,8 @@ class MoELayer(nn.Module):
         self.dispatcher: Dispatcher = build_dispatcher(gating, capacity_factor, eval_capacity_token_fraction)
         self.l_aux: Optional[Tensor] = None
         self.last_stats: Optional[DispatchStats] = None
+        self.graphs = None  # LayerGraphs (set_cuda_graphs) or None: every call eager
+        self._last_capacity = -1
         self.register_buffer("_eval_counts", torch.zeros(num_experts, dtype=torch.long), persistent=False)
         self.register_buffer("_eval_scalars", torch.zeros(3, dtype=torch.long), persistent=False)
         self._eval_rank_loads = ForwardLoadLog(self.placement.world_size, self._eval_counts.device)
@@ -196,11 +198,13 @@ class MoELayer(nn.Module):
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
         mask = None if padding_mask is None else padding_mask.reshape(-1)
-        routing = self.gate(tokens, None if self.route_padding else mask)
-        y, stats = self.dispatcher(tokens, self.placement.route(routing), self.experts, self.group, self.training)
-        slot_counts = stats.expert_counts
-        stats.expert_counts = self.placement.logical_counts(slot_counts)
-        self.l_aux, self.last_stats = routing.l_aux, stats
+        route_mask = None if self.route_padding else mask
+        if self.graphs is not None and self.graphs.applies(tokens, self.training):
+            y, l_aux, slot_counts, routed, dropped = self.graphs.run(self.route_and_dispatch, tokens, route_mask)
+        else:
+            y, l_aux, slot_counts, routed, dropped = self.route_and_dispatch(tokens, route_mask)
+        stats = DispatchStats(self.placement.logical_counts(slot_counts), routed, dropped, self._last_capacity)
+        self.l_aux, self.last_stats = l_aux, stats
         if not self.training:
             n = torch.full((), tokens.shape[0], device=x.device) if mask is None else (~mask).sum()
             self._eval_counts += stats.expert_counts
@@ -211,6 +215,36 @@ class MoELayer(nn.Module):
             self._eval_rank_loads.append(self.placement.rank_loads(slot_counts))
         return y.view(shape)
 
+    def route_and_dispatch(self, tokens: Tensor, mask: Optional[Tensor]) -> tuple:
+        """Gate, placement and dispatcher (encode, all-to-all, experts, decode) for ``tokens`` [T, d]
+        with ``mask`` [T] bool (True: padding, routed nowhere) or None: the part of :meth:`forward`
+        that :class:`~fairseq_moe_infer.moe.graphs.LayerGraphs` captures (no side effects on the
+        layer's counters).
+
+        Returns:
+            ``(y [T, d], l_aux scalar, slot_counts [slots] int64, routed scalar int64, dropped scalar
+            int64)``: the output, the balancing loss and the choices each physical slot processed.
+        """
+        routing = self.gate(tokens, mask)
+        y, stats = self.dispatcher(tokens, self.placement.route(routing), self.experts, self.group, self.training)
+        self._last_capacity = stats.capacity
+        return y, routing.l_aux, stats.expert_counts, stats.routed, stats.dropped
+
+    def set_cuda_graphs(self, max_tokens: int, capture: bool = True, pool=None) -> None:
+        """Run inference calls of at most ``max_tokens`` tokens from CUDA graphs, one per power-of-two
+        token count (``--moe-cuda-graph-max-tokens``, :mod:`~fairseq_moe_infer.moe.graphs`); 0 = off.
+
+        Raises:
+            MoEConfigError: static gating, expert parallelism or expert buffering (not capturable).
+        """
+        from .graphs import LayerGraphs, check_graphable
+
+        if not max_tokens:
+            self.graphs = None
+            return
+        check_graphable(self)
+        self.graphs = LayerGraphs(max_tokens, capture, pool)
+
     def __getstate__(self):
         # a process group cannot be copied or pickled (fairseq's --store-ema deep-copies the model):
         # keep whether the layer is expert parallel and look the group up again on restore;
@@ -218,6 +252,7 @@ class MoELayer(nn.Module):
         state = dict(self.__dict__)
         state["group"], state["_expert_parallel"] = None, self.group is not None
         state["l_aux"] = state["last_stats"] = None
+        state["graphs"] = None  # captured graphs belong to this process's device memory
         state["_eval_rank_loads"] = ForwardLoadLog(self.placement.world_size, self._eval_counts.device)
         return state
 
@@ -231,9 +266,13 @@ class MoELayer(nn.Module):
         """Switch the dispatcher (``--moe-gating``); weights are untouched.
 
         Raises:
-            MoEConfigError: unknown gating or a negative fraction.
+            MoEConfigError: unknown gating or a negative fraction, or static gating with CUDA graphs on.
         """
         self.dispatcher = build_dispatcher(gating, self.capacity_factor, eval_capacity_token_fraction)
+        if self.graphs is not None:
+            from .graphs import check_graphable
+
+            check_graphable(self)
 
     def reset_eval_totals(self) -> None:
         """Zero the evaluation counters."""

@@ -9,7 +9,8 @@ Ranges (reasons): ``moe_capacity_factor`` in (0, 64] (training capacity
 ``int(factor * k * ceil(T / E))``; beyond E / k every expert already holds all T tokens);
 ``moe_eval_capacity_token_fraction`` in [0, 1] (capacity ``ceil(fraction * T)``; 1.0 already
 drops nothing; 0 = the training rule); counts are integers (``moe_expert_count`` >= 1,
-``moe_freq`` / ``moe_expert_ffn_dim`` / ``moe_expert_buffer_size`` >= 0); ``moe_gate_loss_wt`` in [0, 1000].
+``moe_freq`` / ``moe_expert_ffn_dim`` / ``moe_expert_buffer_size`` /
+``moe_cuda_graph_max_tokens`` >= 0); ``moe_gate_loss_wt`` in [0, 1000].
 ``moe_prefetch`` (a registered predictor) other than ``none`` and ``moe_cpu_experts auto`` need
 expert buffering (``moe_expert_buffer_size`` >= 1).
 """
@@ -36,6 +37,7 @@ NUMERIC_RULES = {
     "moe_expert_ffn_dim": (0, 1 << 24, True, int, "0 = the FFN width"),
     "moe_expert_buffer_size": (0, 1 << 20, True, int, "GPU slots per MoE layer; 0 = all experts resident"),
     "moe_collective_timeout": (0.0, 1e7, True, float, "seconds; 0 = torch's process-group default"),
+    "moe_cuda_graph_max_tokens": (0, 1 << 20, True, int, "0 = off; calls of at most N tokens replay CUDA graphs"),
 }
 
 
