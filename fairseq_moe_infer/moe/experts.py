@@ -30,7 +30,7 @@ from fairseq.modules.fairseq_dropout import FairseqDropout
 from torch import Tensor, nn
 
 from .gate import MoEConfigError
-from .kernels import bias_act_rows_, fused_available
+from .kernels import FUSED_GEMM_MAX_ROWS_PER_GROUP, bias_act_rows_, fused_available, grouped_linear_bias_act
 
 EXPERT_PARAMS = ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
 _FAIRSEQ_KEY = re.compile(r"^(\d+)\.(fc1|fc2)\.(weight|bias)$")
@@ -221,6 +221,12 @@ class Experts(nn.Module):
         offs = counts.cumsum(0).to(torch.int32)
         w1, w2 = fc1_weight.transpose(1, 2), fc2_weight.transpose(1, 2)
         if not self.training and self._dropout_off_at_inference() and fused_available(x, self.activation_name):
+            if x.shape[0] <= FUSED_GEMM_MAX_ROWS_PER_GROUP * groups or torch.cuda.is_current_stream_capturing():
+                # small groups (decoding steps): one Triton grouped GEMM per layer with the bias and
+                # activation in its epilogue (measured faster there); also under CUDA-graph capture,
+                # where torch._grouped_mm in fp16 copied between host and device (torch 2.11)
+                h = grouped_linear_bias_act(x, fc1_weight, fc1_bias, counts, self.activation_name)
+                return grouped_linear_bias_act(h, fc2_weight, fc2_bias, counts, "identity")
             # inference: bias + activation (+ zeroing of unrouted rows) fused into one pass per GEMM
             h = bias_act_rows_(torch._grouped_mm(x, w1, offs=offs), fc1_bias, expert_of_row, self.activation_name)
             return bias_act_rows_(torch._grouped_mm(h, w2, offs=offs), fc2_bias, expert_of_row, "identity")

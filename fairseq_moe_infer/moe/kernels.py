@@ -229,19 +229,24 @@ class GemmConfig(NamedTuple):
     num_stages: int = 4
 
 
+# Measured on the H200 (benchmarks/results/grouped_gemm_h200.json, bf16, three paper shapes, 512-131,072
+# tokens, top-2): with at most 64 rows per group this kernel (64 x 128 x 64 tiles) takes 0.98-0.79x the
+# time of torch._grouped_mm + bias_act_rows_ (fc1 + fc2: 1.01-1.27x faster on the 128-expert shapes,
+# 0.99x at 64 experts); with 128+ rows per group cuBLAS/CUTLASS's grouped GEMM is faster (this kernel
+# 0.64-0.94x), so the layer uses it only up to this mean (Experts._grouped_mm).
+FUSED_GEMM_MAX_ROWS_PER_GROUP = 64
+
+
 def grouped_linear_config(n_rows: int, n_groups: int) -> GemmConfig:
     """The default tile config of :func:`grouped_linear_bias_act`, from the mean rows per group
-    (a host-side shape, no sync). Small groups (decoding, many experts) are weight-read bound:
-    short M-tiles waste little compute and long K steps keep many weight bytes in flight; large
-    groups are compute bound: 128 x 128 tiles (wgmma), 8 warps (with 4 warps, or 128 x 256 tiles, the
-    float32 accumulator plus the erf of the gelu epilogue spill registers: ptxas for sm_90, Triton 3.9).
-    Not measured yet: ``benchmarks/bench_grouped_gemm.py`` sweeps these and others on the H200."""
+    (a host-side shape, no sync). Small groups (decoding, many experts) are weight-read bound: 64-row
+    M-tiles, 8 M-tiles per band for L2 reuse, 4 warps (the best of the configs swept on the H200 at
+    <= 64 rows per group, ``benchmarks/results/grouped_gemm_h200.json``); large groups are compute
+    bound: 128 x 256 tiles, 8 warps (the best swept there, still 0.86-0.94x torch._grouped_mm)."""
     mean = n_rows / max(n_groups, 1)
-    if mean <= 24:
-        return GemmConfig(16, 128, 128, group_m=1, num_warps=4, num_stages=4)
     if mean <= 96:
-        return GemmConfig(64, 128, 64, group_m=4, num_warps=4, num_stages=4)
-    return GemmConfig(128, 128, 64, group_m=8, num_warps=8, num_stages=4)
+        return GemmConfig(64, 128, 64, group_m=8, num_warps=4, num_stages=4)
+    return GemmConfig(128, 256, 64, group_m=8, num_warps=8, num_stages=3)
 
 
 def grouped_linear_bias_act(x: Tensor, weight: Tensor, bias: Tensor, counts: Tensor, activation: str = "identity",
