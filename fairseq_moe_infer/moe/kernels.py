@@ -233,8 +233,8 @@ class GemmConfig(NamedTuple):
 # tokens, top-2): with at most 64 rows per group this kernel (64 x 128 x 64 tiles) takes 0.98-0.79x the
 # time of torch._grouped_mm + bias_act_rows_ (fc1 + fc2: 1.01-1.27x faster on the 128-expert shapes,
 # 0.99x at 64 experts); with 128+ rows per group cuBLAS/CUTLASS's grouped GEMM is faster (this kernel
-# 0.64-0.94x), so the layer uses it only up to this mean (Experts._grouped_mm).
-FUSED_GEMM_MAX_ROWS_PER_GROUP = 64
+# 0.64-0.94x), so the layer uses it only up to this mean.
+FUSED_GEMM_MAX_ROWS_PER_GROUP = 64  # used inside CUDA graphs only (Experts._grouped_mm)
 
 
 def grouped_linear_config(n_rows: int, n_groups: int) -> GemmConfig:
