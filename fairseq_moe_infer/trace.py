@@ -188,6 +188,14 @@ def read_trace(path: str, num_experts: Optional[int] = None, layer_names: Option
     """
     if not os.path.isfile(path):
         raise TraceError(f"routing trace {path} does not exist; record one with --moe-record-trace {path}")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic not in (b"PK\x03\x04", b"PK\x05\x06"):  # an .npz is a zip archive
+        what = "an empty file" if not magic else f"a file starting with {magic!r}"
+        if magic == b"\x93NUM":
+            what = "a single .npy array"
+        raise TraceError(f"{path} is not a routing trace ({what}, not an .npz archive); record one with "
+                         "--moe-record-trace")
     try:
         with np.load(path, allow_pickle=False) as z:
             missing = [a for a in _ARRAYS if a not in z.files]
