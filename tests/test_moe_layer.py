@@ -231,3 +231,15 @@ def test_run_summary_reports_the_gating_the_layers_ran():
     assert (report.summary()["gating"], report.summary()["eval_capacity_token_fraction"]) == ("dynamic", None)
     model[1].set_gating("static", 0.5)
     assert (report.summary()["gating"], report.summary()["eval_capacity_token_fraction"]) == ("mixed (dynamic, static)", 0.5)
+
+
+def test_a_second_class_under_a_registered_name_is_refused():
+    from fairseq_moe_infer.moe.dispatch import DISPATCHERS, register_dispatcher
+    from fairseq_moe_infer.moe.eviction import POLICIES, register_policy
+
+    with pytest.raises(ValueError, match="--moe-gating static is already registered"):
+        register_dispatcher("static")(type("Other", (), {}))
+    with pytest.raises(ValueError, match="--moe-buffer-policy lru is already registered"):
+        register_policy("lru")(type("Other", (), {}))
+    assert DISPATCHERS["static"].__name__ == "StaticDispatcher" and POLICIES["lru"].__name__ != "Other"
+    assert register_dispatcher("static")(DISPATCHERS["static"]) is DISPATCHERS["static"]  # re-registering is a no-op
