@@ -108,8 +108,7 @@ class MoERunReport:
         dropped = sum(v["dropped"] for v in layers.values())
         peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
         return {
-            "gating": self.gating,
-            "eval_capacity_token_fraction": self.fraction if self.gating == "static" else None,  # static only
+            **self._gating(),
             "tokens": tokens,
             "wall_s": round(elapsed, 4),
             "wall_tokens_per_s": round(tokens / elapsed, 1) if elapsed > 0 else None,
@@ -122,6 +121,17 @@ class MoERunReport:
             **({"buffer": buffer_totals(list(buffers.values()))} if buffers else {}),
             **self._rank,
         }
+
+    def _gating(self) -> dict:
+        """``gating`` and ``eval_capacity_token_fraction`` as the layers have them now (a caller may have
+        switched them with ``set_gating`` since this report was made; the constructor's values were
+        reported then): one name, or ``mixed (a, b)``; the fraction of static gating only."""
+        if not self.layers:
+            return {"gating": self.gating, "eval_capacity_token_fraction": self.fraction if self.gating == "static" else None}
+        names = sorted({m.dispatcher.name for _, m in self.layers})
+        fractions = sorted({m.dispatcher.eval_capacity_token_fraction for _, m in self.layers if m.dispatcher.name == "static"})
+        return {"gating": names[0] if len(names) == 1 else f"mixed ({', '.join(names)})",
+                "eval_capacity_token_fraction": (fractions[0] if len(fractions) == 1 else fractions) if fractions else None}
 
     def finish(self) -> Optional[dict]:
         """Log the summary once, if any evaluation forward happened (or, on an expert-parallel rank

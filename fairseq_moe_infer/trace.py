@@ -188,6 +188,14 @@ def read_trace(path: str, num_experts: Optional[int] = None, layer_names: Option
     """
     if not os.path.isfile(path):
         raise TraceError(f"routing trace {path} does not exist; record one with --moe-record-trace {path}")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic not in (b"PK\x03\x04", b"PK\x05\x06"):  # an .npz is a zip archive
+        what = "an empty file" if not magic else f"a file starting with {magic!r}"
+        if magic == b"\x93NUM":
+            what = "a single .npy array"
+        raise TraceError(f"{path} is not a routing trace ({what}, not an .npz archive); record one with "
+                         "--moe-record-trace")
     try:
         with np.load(path, allow_pickle=False) as z:
             missing = [a for a in _ARRAYS if a not in z.files]
@@ -247,11 +255,24 @@ def read_run_traces(path: str, num_experts: Optional[int] = None, layer_names: O
     (:func:`rank_path`), in rank order, each checked as :func:`read_trace` checks it (the rank files
     against ``path``'s expert count and layer list).
 
+    The ranks of one complete run call every MoE layer equally often (the collectives keep them in
+    step), so complete files that differ in a layer's call count are of different runs (a rank file
+    left from an earlier run) and are refused; the files of an interrupted run may differ.
+
     Raises:
-        TraceError: a file is unusable, or of another model than the first."""
+        TraceError: a file is unusable, of another model than the first, or, all complete, with
+            another number of calls of a layer than ``path``."""
     first = read_trace(path, num_experts, layer_names, allow_incomplete)
-    return [first] + [read_trace(rank_path(path, r), first.num_experts, first.layer_names, allow_incomplete)
-                      for r in range(1, first.world_size)]
+    ranks = [first] + [read_trace(rank_path(path, r), first.num_experts, first.layer_names, allow_incomplete)
+                       for r in range(1, first.world_size)]
+    if all(t.complete for t in ranks):
+        for r, t in enumerate(ranks[1:], 1):
+            for name in first.layer_names:
+                mine, theirs = len(first.calls_of(name)), len(t.calls_of(name))
+                if mine != theirs:
+                    raise TraceError(f"{rank_path(path, r)} holds {theirs} calls of {name} but {path} holds {mine}: the "
+                                     "files are of different runs; record the trace again (every rank writes its file)")
+    return ranks
 
 
 def merge_rank_traces(paths: Sequence[str], **read_kwargs) -> RoutingTrace:

@@ -6,7 +6,6 @@ calling ``fairseq_cli.preprocess`` with the current interpreter.
 """
 
 import argparse
-import gzip
 import io
 import json
 import shutil
@@ -98,16 +97,19 @@ def new_parser(description):
 
 
 def read_lines(path, limit=None):
-    """Read a UTF-8 text file (gzip if it ends in .gz) into a list of lines.
+    """Read a UTF-8 text file (gzip if it ends in .gz) into a list of lines (``bleu.read_lines``: split on
+    ``\\n``, line ends removed); ``limit`` keeps only the first lines.
 
-    Trailing newlines are removed; ``limit`` keeps only the first lines.
+    Raises:
+        SystemExit: one line ``<script>: error: ...`` naming the file and, for text that is not UTF-8,
+            the line (was: a UnicodeDecodeError traceback).
     """
-    path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as handle:
-        lines = handle.read().split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
+    from bleu import read_lines as read_text  # scripts/ is on sys.path for every script importing this module
+
+    try:
+        lines = read_text(str(path), "input")
+    except ValueError as e:
+        fail(Path(sys.argv[0]).stem, str(e))
     return lines[:limit] if limit is not None else lines
 
 

@@ -215,3 +215,31 @@ def test_forward_load_log_keeps_every_row_in_a_fixed_device_chunk():
         ref[i] = torch.zeros(2, dtype=torch.long)
     assert torch.equal(log.tensor(), torch.stack(ref))
     assert log.tensor().dtype == torch.long and ForwardLoadLog(2, torch.device("cpu")).tensor().shape == (0, 2)
+
+
+def test_run_summary_reports_the_gating_the_layers_ran():
+    # a report made before the layers were switched (benchmarks build with the task default, then set_gating)
+    # said "static" with its fraction for a dynamic run
+    from fairseq_moe_infer.report import MoERunReport
+
+    model = torch.nn.ModuleList([MoELayer(8, 16, 4, gating="static").eval() for _ in range(2)])
+    report = MoERunReport(model, "static", 0.25, None)
+    with torch.no_grad():
+        for m in model:
+            m.set_gating("dynamic")
+            m(torch.randn(5, 8))
+    assert (report.summary()["gating"], report.summary()["eval_capacity_token_fraction"]) == ("dynamic", None)
+    model[1].set_gating("static", 0.5)
+    assert (report.summary()["gating"], report.summary()["eval_capacity_token_fraction"]) == ("mixed (dynamic, static)", 0.5)
+
+
+def test_a_second_class_under_a_registered_name_is_refused():
+    from fairseq_moe_infer.moe.dispatch import DISPATCHERS, register_dispatcher
+    from fairseq_moe_infer.moe.eviction import POLICIES, register_policy
+
+    with pytest.raises(ValueError, match="--moe-gating static is already registered"):
+        register_dispatcher("static")(type("Other", (), {}))
+    with pytest.raises(ValueError, match="--moe-buffer-policy lru is already registered"):
+        register_policy("lru")(type("Other", (), {}))
+    assert DISPATCHERS["static"].__name__ == "StaticDispatcher" and POLICIES["lru"].__name__ != "Other"
+    assert register_dispatcher("static")(DISPATCHERS["static"]) is DISPATCHERS["static"]  # re-registering is a no-op

@@ -253,6 +253,13 @@ def test_trace_counts_sum_expert_parallel_ranks_call_by_call_and_the_script_writ
     placement = load_placement(str(out))
     assert placement.world_size == 2 and placement.slots_per_rank == 3 and placement.extra["policy"] == "replicate"
     placement.check_model(list(counts), 4, 2)
+    # a rank file of another run (another number of calls of a layer): refused, not cut to the shorter one
+    from fairseq_moe_infer.trace import TraceError
+
+    _write(rank_path(str(tmp_path / "t.npz"), 1), [[0], [2, 2], [3]], [0, 1, 0], world=2, rank=1)
+    with pytest.raises(TraceError, match=r"t.npz.rank1 holds 1 calls of decoder.layers.1.moe_layer but .*t.npz holds 2: "
+                                         "the files are of different runs"):
+        pp.trace_layer_counts([str(tmp_path / "t.npz")])
 
 
 def test_plan_placement_script_refuses_bad_input_with_one_line(tmp_path, capsys):

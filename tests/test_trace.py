@@ -94,10 +94,16 @@ def test_bad_traces_are_refused_with_one_line(tmp_path):
     trunc.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     junk = tmp_path / "junk.npz"
     junk.write_text("hello")
+    empty = tmp_path / "empty.npz"
+    empty.write_bytes(b"")
+    single = tmp_path / "single.npy"
+    np.save(single, np.zeros(3))
     cases = {
         str(tmp_path / "none.npz"): "does not exist",
         str(trunc): "corrupt or truncated",
-        str(junk): "corrupt or truncated",
+        str(junk): "is not a routing trace (a file starting with b'hell', not an .npz archive)",
+        str(empty): "is not a routing trace (an empty file, not an .npz archive)",
+        str(single): "is not a routing trace (a single .npy array, not an .npz archive)",
     }
     for path, message in cases.items():
         with pytest.raises(TraceError) as err:

@@ -35,6 +35,7 @@ from .experts import Experts
 from .gate import Routing
 from .kernels import fused_available, unpermute_combine
 from .options import check_moe_options
+from .registry import class_registrar
 
 
 @dataclass
@@ -79,15 +80,7 @@ class Dispatcher:
 DISPATCHERS: Dict[str, Type[Dispatcher]] = {}
 
 
-def register_dispatcher(name: str):
-    """Class decorator adding a dispatcher under ``--moe-gating NAME``."""
-
-    def wrap(cls):
-        cls.name = name
-        DISPATCHERS[name] = cls
-        return cls
-
-    return wrap
+register_dispatcher = class_registrar(DISPATCHERS, "--moe-gating")
 
 
 def build_dispatcher(name: str, capacity_factor: float = 1.0, eval_capacity_token_fraction: float = 0.25) -> Dispatcher:

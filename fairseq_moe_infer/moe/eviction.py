@@ -30,6 +30,8 @@ import bisect
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Type
 
+from .registry import class_registrar
+
 
 class EvictionPolicy:
     """Base class: chooses the expert to evict. Time ``t`` is the index of the layer's lookup.
@@ -65,15 +67,7 @@ class EvictionPolicy:
 POLICIES: Dict[str, Type[EvictionPolicy]] = {}
 
 
-def register_policy(name: str):
-    """Class decorator adding a policy under ``--moe-buffer-policy NAME``."""
-
-    def wrap(cls):
-        cls.name = name
-        POLICIES[name] = cls
-        return cls
-
-    return wrap
+register_policy = class_registrar(POLICIES, "--moe-buffer-policy")
 
 
 class _Stamped(EvictionPolicy):

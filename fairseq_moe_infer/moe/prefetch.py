@@ -35,19 +35,12 @@ from torch import nn
 
 from .gate import MoEConfigError
 from .moe_layer import moe_layers
+from .registry import class_registrar
 
 PREDICTORS: Dict[str, Type["ExpertPredictor"]] = {}
 
 
-def register_predictor(name: str):
-    """Class decorator adding a predictor under ``--moe-prefetch NAME``."""
-
-    def wrap(cls):
-        cls.name = name
-        PREDICTORS[name] = cls
-        return cls
-
-    return wrap
+register_predictor = class_registrar(PREDICTORS, "--moe-prefetch")
 
 
 def ranked_experts(counts: Sequence[int]) -> List[int]:
