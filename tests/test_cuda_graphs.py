@@ -102,3 +102,47 @@ def test_generate_refuses_graphs_with_static_gating_and_on_the_cpu():
     assert "Traceback" not in proc.stderr
     proc = run("generate", args + ["--moe-cuda-graph-max-tokens", "-3"])
     assert proc.returncode != 0 and "--moe-cuda-graph-max-tokens must be a finite integer" in proc.stderr
+
+
+@pytest.mark.parametrize("route_padding", [False, True])
+def test_padded_calls_keep_the_eager_balancing_loss(route_padding):
+    """The gate's l_aux (read by the moe_* criterions in fairseq-validate and training's validation) is
+    the eager call's: the bucket's padding rows (stale rows of earlier calls) must not enter its means."""
+    plain = _layer(route_padding=route_padding)
+    graphed = copy.deepcopy(plain)
+    graphed.set_cuda_graphs(16, capture=False)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for n in (16, 5, 11, 3):  # the first call fills the 16-row bucket; later ones leave stale rows
+            x = torch.randn(n, 16, generator=g, dtype=torch.float64)
+            pad = torch.rand(n, generator=g) < 0.3
+            y = graphed(x, pad)
+            torch.testing.assert_close(y, plain(x, pad), rtol=0, atol=1e-12)
+            torch.testing.assert_close(graphed.l_aux, plain.l_aux, rtol=1e-12, atol=0)
+
+
+def test_capturing_layer_refuses_the_cpu_also_for_calls_above_the_bucket_limit():
+    """--cpu with the flag is refused at the first inference call, whatever its size: fairseq-eval-lm's
+    calls (thousands of tokens) never reach a bucket, so the flag did nothing there, silently."""
+    layer = _layer()
+    layer.set_cuda_graphs(8)  # capture=True, as in the tools
+    with torch.no_grad(), pytest.raises(MoEConfigError, match="run on a GPU"):
+        layer(torch.randn(20, 16, dtype=torch.float64))
+    layer(torch.randn(4, 16, dtype=torch.float64))  # gradients on (training's forward): eager, allowed
+
+
+def test_graphs_are_dropped_when_the_weights_are_replaced():
+    """A captured graph reads the weights' addresses: after ``.float()`` / ``.double()`` (new storage, the
+    old freed) the graphs of the old weights are dropped, not replayed when the dtype comes back."""
+    layer = _layer()
+    plain = copy.deepcopy(layer)
+    layer.set_cuda_graphs(16, capture=False)
+    x = torch.randn(5, 16, dtype=torch.float64)
+    with torch.no_grad():
+        layer(x)
+        layer.float()
+        layer(x.float())
+        assert len(layer.graphs._graphs) == 1  # the float64 bucket of the replaced weights is gone
+        layer.double()
+        torch.testing.assert_close(layer(x), plain(x), rtol=0, atol=1e-6)
+        assert len(layer.graphs._graphs) == 1

@@ -134,13 +134,16 @@ class TopKGate(nn.Module):
             logits = F.linear(x, self.wg.weight)
         return logits.topk(self.k, dim=1).indices
 
-    def forward(self, x: Tensor, padding_mask: Optional[Tensor] = None) -> Routing:
+    def forward(self, x: Tensor, padding_mask: Optional[Tensor] = None, num_rows: Optional[Tensor] = None) -> Routing:
         """Route tokens.
 
         Args:
             x: [T, d] tokens (any float dtype).
             padding_mask: [T] bool, True where the token is padding (routed
                 nowhere, output zero), or None.
+            num_rows: scalar int64 tensor n <= T or None (= T): only the first n rows are the call's
+                tokens, the rest a CUDA graph's bucket padding (:mod:`~fairseq_moe_infer.moe.graphs`,
+                also masked by ``padding_mask``), left out of the balancing loss's means.
 
         Returns:
             :class:`Routing` for the T tokens.
@@ -160,8 +163,14 @@ class TopKGate(nn.Module):
         )
         p1 = gates.gather(1, idx1[:, None])[:, 0]
         # balancing loss (GShard): first choices of non-padding tokens, mean over all
-        me = gates.mean(dim=0)
-        ce = torch.zeros_like(me).index_add_(0, idx1, nonpad.to(me.dtype)) / num_tokens
+        if num_rows is None:
+            me = gates.mean(dim=0)
+            rows = num_tokens
+        else:  # a graph bucket: the call's n rows only (the loss of the eager call, to rounding)
+            rows = num_rows.to(gates.dtype)
+            live = torch.arange(num_tokens, device=x.device) < num_rows
+            me = (gates * live[:, None].to(gates.dtype)).sum(dim=0) / rows
+        ce = torch.zeros_like(me).index_add_(0, idx1, nonpad.to(me.dtype)) / rows
         l_aux = (me * ce).mean() * num_experts * num_experts
 
         if self.k == 1:

@@ -47,6 +47,15 @@ def check_graphable(layer) -> None:
                              "(expert buffering decides its copies on the host) or the graph flag")
 
 
+def _refuse_off_gpu() -> None:
+    from ..cli import exit_with_error, in_fairseq_tool
+
+    problem = "--moe-cuda-graph-max-tokens captures CUDA graphs: run on a GPU (drop --cpu) or drop the flag"
+    if in_fairseq_tool():
+        exit_with_error(problem)
+    raise MoEConfigError(problem)
+
+
 def bucket_of(num_tokens: int) -> int:
     """The smallest power of two >= ``num_tokens`` (>= 1)."""
     return 1 << max(0, (int(num_tokens) - 1).bit_length())
@@ -70,45 +79,66 @@ class LayerGraphs:
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
             raise MoEConfigError(f"--moe-cuda-graph-max-tokens must be an integer >= 1, got {max_tokens}")
         self.max_tokens, self.capture, self.pool = max_tokens, capture, pool
-        self._graphs: Dict[tuple, tuple] = {}  # (bucket, dtype, device) -> (graph or None, x, mask, outputs)
+        self._graphs: Dict[tuple, tuple] = {}  # (bucket, dtype, device) -> (graph or None, x, mask, n, outputs)
+        self._weights_state: tuple = ()
         self.replays = 0
         self.eager_calls = 0
 
     def applies(self, tokens: Tensor, training: bool) -> bool:
-        """Whether a call with ``tokens`` [T, d] runs from a graph (inference, gradients off, T <= max)."""
-        return not training and not torch.is_grad_enabled() and 0 < tokens.shape[0] <= self.max_tokens
+        """Whether a call with ``tokens`` [T, d] runs from a graph (inference, gradients off, T <= max).
+
+        Raises:
+            MoEConfigError: an inference call of any size off a CUDA device while capturing (in a
+                fairseq tool: one error line and exit), so that ``--cpu`` is refused even where every
+                call has more than ``max_tokens`` tokens (fairseq-eval-lm).
+        """
+        if training or torch.is_grad_enabled():
+            return False
+        if self.capture and tokens.device.type != "cuda":
+            _refuse_off_gpu()
+        return 0 < tokens.shape[0] <= self.max_tokens
 
     @property
     def buckets(self) -> list:
         """The token counts captured so far."""
         return sorted({key[0] for key in self._graphs})
 
-    def run(self, fn: Callable[[Tensor, Tensor], Tuple[Tensor, ...]], tokens: Tensor,
-            mask: Optional[Tensor]) -> Tuple[Tensor, ...]:
+    def run(self, fn: Callable[[Tensor, Tensor, Tensor], Tuple[Tensor, ...]], tokens: Tensor,
+            mask: Optional[Tensor], weights: Tuple[Tensor, ...] = ()) -> Tuple[Tensor, ...]:
         """``fn(tokens, mask)`` for ``tokens`` [T, d] and ``mask`` [T] bool (True = padding) or None,
-        computed at the bucket size B >= T from a captured graph.
+        computed at the bucket size B >= T from a captured graph as ``fn(x, pad, n)``: ``x`` [B, d]
+        (the call's rows first), ``pad`` [B] bool (rows T.. masked), ``n`` a scalar int64 tensor = T
+        (for what must not average over the bucket's rows, e.g. the gate's balancing loss).
 
         ``fn`` must return a tuple of tensors whose first is [B, ...] (rows per token); the rest
         (counters) are returned whole. All outputs are copies, safe to keep across calls.
+        ``weights``: the tensors ``fn`` reads (the layer's parameters); a graph replays the addresses
+        it captured, so when any was replaced since (``model.half()``, ``.to(device)``: new storage,
+        the old one freed) every graph is dropped and captured again.
 
         Raises:
             MoEConfigError: ``tokens`` not on a CUDA device while capturing (the flag needs a GPU).
         """
+        state = tuple((w.data_ptr(), w.dtype, w.device) for w in weights)
+        if state != self._weights_state:
+            self._graphs.clear()
+            self._weights_state = state
         T = tokens.shape[0]
         B = bucket_of(T)
         key = (B, tokens.dtype, tokens.device)
         entry = self._graphs.get(key)
         if entry is None:
             entry = self._graphs[key] = self._build(fn, B, tokens)
-        graph, x, pad, outs = entry
+        graph, x, pad, n, outs = entry
         x[:T].copy_(tokens)
+        n.fill_(T)
         if mask is None:
             pad[:T].zero_()
         else:
             pad[:T].copy_(mask)
         pad[T:].fill_(True)  # an earlier, longer call of this bucket unmasked some of these rows
         if graph is None:
-            outs = fn(x, pad)
+            outs = fn(x, pad, n)
             self.eager_calls += 1
         else:
             graph.replay()
@@ -118,24 +148,20 @@ class LayerGraphs:
     def _build(self, fn, B: int, like: Tensor) -> tuple:
         x = torch.zeros(B, like.shape[1], dtype=like.dtype, device=like.device)
         pad = torch.ones(B, dtype=torch.bool, device=like.device)  # True = padding
+        n = torch.full((), B, dtype=torch.long, device=like.device)  # the call's row count, set before each replay
         if not self.capture:
-            return None, x, pad, None
+            return None, x, pad, n, None
         if like.device.type != "cuda":
-            from ..cli import exit_with_error, in_fairseq_tool
-
-            problem = "--moe-cuda-graph-max-tokens captures CUDA graphs: run on a GPU (drop --cpu) or drop the flag"
-            if in_fairseq_tool():
-                exit_with_error(problem)
-            raise MoEConfigError(problem)
+            _refuse_off_gpu()
         side = torch.cuda.Stream(like.device)
         side.wait_stream(torch.cuda.current_stream(like.device))
         with torch.cuda.stream(side):  # warm-up outside the capture (Triton compiles, cuBLAS workspaces)
-            fn(x, pad)
+            fn(x, pad, n)
         torch.cuda.current_stream(like.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            outs = fn(x, pad)
-        return graph, x, pad, outs
+            outs = fn(x, pad, n)
+        return graph, x, pad, n, outs
 
     def __repr__(self) -> str:
         return f"LayerGraphs(max_tokens={self.max_tokens}, buckets={self.buckets}, replays={self.replays})"

@@ -200,7 +200,8 @@ class MoELayer(nn.Module):
         mask = None if padding_mask is None else padding_mask.reshape(-1)
         route_mask = None if self.route_padding else mask
         if self.graphs is not None and self.graphs.applies(tokens, self.training):
-            y, l_aux, slot_counts, routed, dropped = self.graphs.run(self.route_and_dispatch, tokens, route_mask)
+            y, l_aux, slot_counts, routed, dropped = self.graphs.run(self.route_and_dispatch, tokens, route_mask,
+                                                                         tuple(self.parameters()))
         else:
             y, l_aux, slot_counts, routed, dropped = self.route_and_dispatch(tokens, route_mask)
         stats = DispatchStats(self.placement.logical_counts(slot_counts), routed, dropped, self._last_capacity)
@@ -215,17 +216,18 @@ class MoELayer(nn.Module):
             self._eval_rank_loads.append(self.placement.rank_loads(slot_counts))
         return y.view(shape)
 
-    def route_and_dispatch(self, tokens: Tensor, mask: Optional[Tensor]) -> tuple:
+    def route_and_dispatch(self, tokens: Tensor, mask: Optional[Tensor], num_rows: Optional[Tensor] = None) -> tuple:
         """Gate, placement and dispatcher (encode, all-to-all, experts, decode) for ``tokens`` [T, d]
         with ``mask`` [T] bool (True: padding, routed nowhere) or None: the part of :meth:`forward`
         that :class:`~fairseq_moe_infer.moe.graphs.LayerGraphs` captures (no side effects on the
-        layer's counters).
+        layer's counters). ``num_rows``: scalar int64 tensor, the call's rows when ``tokens`` is a
+        padded graph bucket (the rest are left out of ``l_aux``), or None (all T rows).
 
         Returns:
             ``(y [T, d], l_aux scalar, slot_counts [slots] int64, routed scalar int64, dropped scalar
             int64)``: the output, the balancing loss and the choices each physical slot processed.
         """
-        routing = self.gate(tokens, mask)
+        routing = self.gate(tokens, mask, num_rows)
         y, stats = self.dispatcher(tokens, self.placement.route(routing), self.experts, self.group, self.training)
         self._last_capacity = stats.capacity
         return y, routing.l_aux, stats.expert_counts, stats.routed, stats.dropped
