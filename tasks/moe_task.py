@@ -73,6 +73,9 @@ class MoETaskMixin:
             if any(m.experts.buffer is not None for m in moe_layers(model)):
                 exit_with_error("--moe-expert-buffer-size is for inference (fairseq-generate, fairseq-interactive, "
                                 "fairseq-eval-lm); drop it when training")
+            if any(m.graphs is not None for m in moe_layers(model)):
+                exit_with_error("--moe-cuda-graph-max-tokens is for inference (fairseq-generate, fairseq-interactive, "
+                                "fairseq-eval-lm); drop it when training")
             check_training_setup(model, optimizer)
             self._moe_setup_checked = True
         loss, sample_size, logging_output = super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)

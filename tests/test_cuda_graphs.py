@@ -146,3 +146,14 @@ def test_graphs_are_dropped_when_the_weights_are_replaced():
         layer.double()
         torch.testing.assert_close(layer(x), plain(x), rtol=0, atol=1e-6)
         assert len(layer.graphs._graphs) == 1
+
+
+def test_training_refuses_the_graph_flag(tmp_path):
+    from .helpers import TINY_LM, USER_DIR
+
+    proc = run("train", [TINY_LM, "--user-dir", USER_DIR, "--task", "moe_language_modeling", "--arch",
+                         "transformer_lm_moe_small", "--criterion", "moe_cross_entropy", "--tokens-per-sample", "64",
+                         "--max-tokens", "1024", "--max-update", "1", "--optimizer", "adam", "--lr", "1e-3", "--cpu",
+                         "--save-dir", tmp_path / "train", "--moe-gating", "dynamic", "--moe-cuda-graph-max-tokens", "64"])
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "--moe-cuda-graph-max-tokens is for inference" in proc.stderr.strip().splitlines()[-1]
