@@ -93,12 +93,20 @@ class MemorySampler:
         self._handle.remove()
 
 
+def _short_path(path: str) -> str:
+    """``path`` relative to the repository, or from ``site-packages/`` on: no machine's folders in results."""
+    if path.startswith(REPO + os.sep):
+        return os.path.relpath(path, REPO)
+    marker = os.sep + "site-packages" + os.sep
+    return "site-packages/" + path.split(marker, 1)[1] if marker in path else path
+
+
 def heap_growth(first, last, top: int = 15) -> list:
     """The ``top`` source lines whose live Python allocations grew most between two tracemalloc
     snapshots: ``where`` (file:line), ``size_diff_bytes``, ``count_diff``, ``size_bytes``."""
     stats = last.compare_to(first, "lineno")
     stats.sort(key=lambda d: d.size_diff, reverse=True)
-    return [{"where": f"{d.traceback[0].filename}:{d.traceback[0].lineno}", "size_diff_bytes": d.size_diff,
+    return [{"where": f"{_short_path(d.traceback[0].filename)}:{d.traceback[0].lineno}", "size_diff_bytes": d.size_diff,
              "count_diff": d.count_diff, "size_bytes": d.size} for d in stats[:top]]
 
 
