@@ -18,6 +18,7 @@ from .cli import exit_with_error
 from .moe import MoEConfigError, moe_layers
 from .moe.buffered import ExpertBuffer
 from .moe.gate import Routing
+from .moe.graphs import graph_conflict
 from .moe.options import check_moe_options
 from .moe.placement import LayerPlacement, Placement, load_placement
 from .moe.prefetch import ExpertPredictor, build_predictor
@@ -144,15 +145,8 @@ def validate_inference_options(cfg) -> None:
         exit_with_error(str(e))
     problem = None
     if getattr(cfg, "moe_cuda_graph_max_tokens", 0):
-        if cfg.moe_gating != "dynamic":
-            problem = ("--moe-cuda-graph-max-tokens needs --moe-gating dynamic (static gating's capacity follows the "
-                       "batch's token count, which the graph's padding would change)")
-        elif getattr(cfg, "moe_expert_buffer_size", 0):
-            problem = ("--moe-cuda-graph-max-tokens needs every expert resident: drop --moe-expert-buffer-size (expert "
-                       "buffering decides its copies on the host) or the graph flag")
-        elif getattr(cfg, "moe_record_trace", None):
-            problem = ("--moe-record-trace reads every call's routing on the host, which a replayed CUDA graph skips: "
-                       "drop --moe-cuda-graph-max-tokens while recording")
+        problem = graph_conflict(cfg.moe_gating, buffered=bool(getattr(cfg, "moe_expert_buffer_size", 0)),
+                                 recording=bool(getattr(cfg, "moe_record_trace", None)))
     if getattr(cfg, "moe_expert_buffer_size", 0) and cfg.moe_buffer_policy == "belady" and not cfg.moe_buffer_trace:
         problem = ("--moe-buffer-policy belady replays a routing trace: give --moe-buffer-trace PATH "
                    "(recorded with --moe-record-trace on the same data and flags)")

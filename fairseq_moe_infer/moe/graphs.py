@@ -33,18 +33,33 @@ from torch import Tensor
 from .gate import MoEConfigError
 
 
+def graph_conflict(gating: str, expert_parallel: bool = False, buffered: bool = False,
+                   recording: bool = False) -> Optional[str]:
+    """The one line refusing ``--moe-cuda-graph-max-tokens`` with these settings (see the module
+    docstring), or None where the layer can be captured. Used at the start of a tool (the task's
+    options, :func:`~fairseq_moe_infer.inference.validate_inference_options`) and on each layer
+    (:func:`check_graphable`)."""
+    if gating != "dynamic":
+        return ("--moe-cuda-graph-max-tokens needs --moe-gating dynamic (static gating's capacity follows the "
+                "batch's token count, which the graph's padding would change)")
+    if expert_parallel:
+        return ("--moe-cuda-graph-max-tokens runs on one GPU: expert parallelism reads the all-to-all splits on the "
+                "host; drop the flag or run one process")
+    if buffered:
+        return ("--moe-cuda-graph-max-tokens needs every expert resident: drop --moe-expert-buffer-size (expert "
+                "buffering decides its copies on the host) or the graph flag")
+    if recording:
+        return ("--moe-record-trace reads every call's routing on the host, which a replayed CUDA graph skips: drop "
+                "--moe-cuda-graph-max-tokens while recording")
+    return None
+
+
 def check_graphable(layer) -> None:
     """Raise :class:`MoEConfigError` naming the flag to drop where ``layer`` cannot be captured
-    (see the module docstring)."""
-    if layer.dispatcher.name != "dynamic":
-        raise MoEConfigError("--moe-cuda-graph-max-tokens needs --moe-gating dynamic (static gating's capacity "
-                             "follows the batch's token count, which the graph's padding would change)")
-    if layer.group is not None:
-        raise MoEConfigError("--moe-cuda-graph-max-tokens runs on one GPU: expert parallelism reads the all-to-all "
-                             "splits on the host; drop the flag or run one process")
-    if layer.experts.buffer is not None:
-        raise MoEConfigError("--moe-cuda-graph-max-tokens needs every expert resident: drop --moe-expert-buffer-size "
-                             "(expert buffering decides its copies on the host) or the graph flag")
+    (:func:`graph_conflict`)."""
+    problem = graph_conflict(layer.dispatcher.name, layer.group is not None, layer.experts.buffer is not None)
+    if problem:
+        raise MoEConfigError(problem)
 
 
 def _refuse_off_gpu() -> None:
