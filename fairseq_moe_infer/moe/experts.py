@@ -218,19 +218,20 @@ class Experts(nn.Module):
         [G, ...] each (the E_local parameters, or a buffer's K slots); ``counts`` [G] rows per group."""
         fc1_weight, fc1_bias, fc2_weight, fc2_bias = params
         groups = fc1_weight.shape[0]
-        offs = counts.cumsum(0).to(torch.int32)
+        fused = not self.training and self._dropout_off_at_inference() and fused_available(x, self.activation_name)
+        if fused and torch.cuda.is_current_stream_capturing() and (
+                x.dtype == torch.float16 or x.shape[0] <= FUSED_GEMM_MAX_ROWS_PER_GROUP * groups):
+            # Inside a CUDA graph (--moe-cuda-graph-max-tokens), small groups (decoding steps) run one
+            # Triton grouped GEMM per expert matmul with the bias and activation in its epilogue: on
+            # the GPU alone it is as fast or faster there (kernels.FUSED_GEMM_MAX_ROWS_PER_GROUP), which
+            # counts once the graph removes the launches. fp16 always: torch._grouped_mm in fp16 copied
+            # between host and device under capture (torch 2.11). Eager calls keep torch._grouped_mm,
+            # so eager results (and the buffered store's, equal to them bit for bit) do not change.
+            h = grouped_linear_bias_act(x, fc1_weight, fc1_bias, counts, self.activation_name)
+            return grouped_linear_bias_act(h, fc2_weight, fc2_bias, counts, "identity")
+        offs = counts.cumsum(0).to(torch.int32)  # torch._grouped_mm's group ends (the Triton kernel reads counts)
         w1, w2 = fc1_weight.transpose(1, 2), fc2_weight.transpose(1, 2)
-        if not self.training and self._dropout_off_at_inference() and fused_available(x, self.activation_name):
-            if torch.cuda.is_current_stream_capturing() and (
-                    x.dtype == torch.float16 or x.shape[0] <= FUSED_GEMM_MAX_ROWS_PER_GROUP * groups):
-                # Inside a CUDA graph (--moe-cuda-graph-max-tokens), small groups (decoding steps) run one
-                # Triton grouped GEMM per expert matmul with the bias and activation in its epilogue: on
-                # the GPU alone it is as fast or faster there (kernels.FUSED_GEMM_MAX_ROWS_PER_GROUP), which
-                # counts once the graph removes the launches. fp16 always: torch._grouped_mm in fp16 copied
-                # between host and device under capture (torch 2.11). Eager calls keep torch._grouped_mm,
-                # so eager results (and the buffered store's, equal to them bit for bit) do not change.
-                h = grouped_linear_bias_act(x, fc1_weight, fc1_bias, counts, self.activation_name)
-                return grouped_linear_bias_act(h, fc2_weight, fc2_bias, counts, "identity")
+        if fused:
             # inference: bias + activation (+ zeroing of unrouted rows) fused into one pass per GEMM
             h = bias_act_rows_(torch._grouped_mm(x, w1, offs=offs), fc1_bias, expert_of_row, self.activation_name)
             return bias_act_rows_(torch._grouped_mm(h, w2, offs=offs), fc2_bias, expert_of_row, "identity")
