@@ -332,12 +332,18 @@ def test_prepare_scripts_name_the_flag_for_missing_data(tmp_path):
     assert not (tmp_path / "o").exists()  # checked before anything is written
 
 
-def test_prepare_mt_names_the_line_of_a_file_that_is_not_utf8(tmp_path):
+def _small_corpus(tmp_path):
+    """A corpus of one's own in the layout prepare_mt.py reads (60 lines per language); returns its multi30k/ folder."""
     root = tmp_path / "root" / "multi30k"
     root.mkdir(parents=True)
     for split, (first, last) in {"train": (0, 40), "val": (40, 50), "test_2016_flickr": (50, 60)}.items():
         for lang in ("en", "de", "fr", "cs"):
             _write(root / f"{split}.{lang}.gz", _lines(lang, first, last), gz=True)
+    return root
+
+
+def test_prepare_mt_names_the_line_of_a_file_that_is_not_utf8(tmp_path):
+    root = _small_corpus(tmp_path)
     with gzip.open(root / "train.de.gz", "wb") as f:  # latin-1 text: not UTF-8 from line 2
         f.write("ein Haus\ngroße Straße\n".encode("latin-1"))
     line = _one_error_line(_script(PREPARE_MT, "--data-root", root.parent, "--out", tmp_path / "o", "--spm-model",
@@ -348,11 +354,7 @@ def test_prepare_mt_names_the_line_of_a_file_that_is_not_utf8(tmp_path):
 
 def test_prepare_mt_builds_a_quiet_data_folder_from_a_small_corpus(tmp_path):
     # a corpus of one's own in the layout prepare_mt.py reads, with the bundled sentencepiece model and dictionary
-    root = tmp_path / "root" / "multi30k"
-    root.mkdir(parents=True)
-    for split, (first, last) in {"train": (0, 40), "val": (40, 50), "test_2016_flickr": (50, 60)}.items():
-        for lang in ("en", "de", "fr", "cs"):
-            _write(root / f"{split}.{lang}.gz", _lines(lang, first, last), gz=True)
+    root = _small_corpus(tmp_path)
     out = tmp_path / "mt"
     proc = _script(PREPARE_MT, "--data-root", root.parent, "--out", out, "--spm-model", os.path.join(ASSETS, "mt", "spm.model"),
                    "--dict", os.path.join(ASSETS, "mt", "dict.src.txt"), "--workers", 1)
